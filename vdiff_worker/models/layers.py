@@ -1,0 +1,105 @@
+"""Building blocks shared by the native diffusion models: RMSNorm, RoPE, attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KVPair = tuple[Tensor, Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the model dtype, as both reference models do.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass
+class RopeTables:
+    cos: Tensor  # [B, 1, L, D], in the dtype the rotation is computed in
+    sin: Tensor
+
+
+class Rotary:
+    """Rotary position embedding (rotate-half layout) for explicit position ids.
+
+    ``full_precision`` rotates in float32 (LLaDA); otherwise the tables are cast to the
+    model dtype first and the rotation runs in it (Qwen2 / Dream).
+    """
+
+    def __init__(self, head_dim: int, theta: float, full_precision: bool) -> None:
+        self.head_dim = head_dim
+        self.theta = theta
+        self.full_precision = full_precision
+
+    def tables(self, position_ids: Tensor, dtype: torch.dtype) -> RopeTables:
+        exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device).float()
+        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
+        freqs = position_ids[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if not self.full_precision:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        return RopeTables(cos=cos, sin=sin)
+
+
+def apply_rope(x: Tensor, rope: RopeTables) -> Tensor:
+    """Rotate ``x`` [B, H, L, D] by the position tables."""
+    xt = x.to(rope.cos.dtype)
+    first, second = xt.chunk(2, dim=-1)
+    rotated = torch.cat((-second, first), dim=-1)
+    return (xt * rope.cos + rotated * rope.sin).to(x.dtype)
+
+
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    """[B, L, H*D] -> [B, H, L, D]."""
+    batch, length, _ = x.shape
+    return x.view(batch, length, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, H, L, D] -> [B, L, H*D]."""
+    batch, _, length, _ = x.shape
+    return x.transpose(1, 2).reshape(batch, length, -1)
+
+
+def attend(
+    q: Tensor,
+    kv: KVPair,
+    key_mask: Tensor | None,
+    before: KVPair | None,
+    after: KVPair | None,
+) -> Tensor:
+    """Bidirectional attention of the new queries over before + new + after keys.
+
+    ``q`` is [B, H, L, D]; keys/values are [B, H_kv, *, D] with H a multiple of H_kv;
+    ``key_mask`` is a boolean [B, 1, 1, K] (True = attend) or None.
+    """
+    k, v = kv
+    if before is not None or after is not None:
+        ks, vs = [k], [v]
+        if before is not None:
+            ks.insert(0, before[0])
+            vs.insert(0, before[1])
+        if after is not None:
+            ks.append(after[0])
+            vs.append(after[1])
+        k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+
+def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up

@@ -1,0 +1,89 @@
+"""Memory-mapped safetensors loading into a model built on the meta device.
+
+Each tensor is read once from the mapped file, cast and moved, then put in place of its
+meta parameter, so peak memory is the model plus one tensor, never two models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from loguru import logger
+from safetensors import safe_open
+from torch import nn
+
+from vdiff_worker.models.errors import CheckpointError
+
+_SINGLE = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
+
+
+def weight_map(path: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index or the single file."""
+    index = path / _INDEX
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+        missing = sorted({f for f in mapping.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{path}: shard(s) named in {_INDEX} are missing: {missing}")
+        return {str(k): str(v) for k, v in mapping.items()}
+    single = path / _SINGLE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), _SINGLE)
+    raise CheckpointError(f"{path} has no {_SINGLE} or {_INDEX}")
+
+
+def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Fill every parameter of ``model`` from the checkpoint, checking names and shapes."""
+    mapping = weight_map(path)
+    wanted = dict(model.named_parameters())
+    missing = [name for name in wanted if name not in mapping]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise CheckpointError(f"{path}: checkpoint lacks weight(s) {shown}")
+    unused = sorted(set(mapping) - set(wanted))
+    if unused:
+        logger.warning(
+            "{}: ignoring {} checkpoint tensor(s), e.g. {}", path, len(unused), unused[0]
+        )
+    by_shard: dict[str, list[str]] = {}
+    for name in wanted:
+        by_shard.setdefault(mapping[name], []).append(name)
+    shards = sorted(by_shard)
+    # Check every shape from the headers first, so a bad checkpoint fails before any load.
+    for shard in shards:
+        with safe_open(str(path / shard), framework="pt") as f:
+            for name in by_shard[shard]:
+                _check_shape(f.get_slice(name).get_shape(), wanted[name], name, path)
+    for i, shard in enumerate(shards, start=1):
+        logger.info(
+            "loading shard {}/{}: {} ({} tensors)", i, len(shards), shard, len(by_shard[shard])
+        )
+        with safe_open(str(path / shard), framework="pt", device=str(device)) as f:
+            for name in by_shard[shard]:
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                _set_parameter(model, name, tensor)
+
+
+def _check_shape(got: list[int], param: nn.Parameter, name: str, path: Path) -> None:
+    expected = list(param.shape)
+    if list(got) != expected:
+        raise CheckpointError(
+            f"{path}: weight {name} has shape {list(got)}, the config implies {expected}"
+        )
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
