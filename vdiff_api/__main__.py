@@ -1,0 +1,5 @@
+"""`python -m vdiff_api` is the all-in-one `vdiff` command."""
+
+from vdiff_api.launcher import main
+
+main()

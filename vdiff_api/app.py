@@ -1,0 +1,312 @@
+"""The Starlette application: OpenAI routes, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from vdiff_api import __version__, metrics
+from vdiff_api.dispatcher import Dispatcher, NoWorker, Result
+from vdiff_api.errors import APIError, from_validation
+from vdiff_api.requests import Plan, plan
+from vdiff_api.schemas import ChatCompletionRequest, CompletionRequest
+from vdiff_common.protocol import Chunk, Done, Error, ModelInfo
+
+
+@dataclass
+class Settings:
+    max_request_bytes: int = 1 << 20
+    expected_models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Usage:
+    prompt: dict[str, int] = field(default_factory=dict)
+    completion: int = 0
+    forward_passes: int = 0
+
+    def add(self, done: Done) -> None:
+        self.prompt[done.request_id] = done.prompt_tokens
+        self.completion += done.completion_tokens
+        self.forward_passes += done.forward_passes
+
+    def as_dict(self) -> dict[str, int]:
+        p = sum(self.prompt.values())
+        return {"prompt_tokens": p, "completion_tokens": self.completion,
+                "total_tokens": p + self.completion, "forward_passes": self.forward_passes}
+
+
+_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Gateway:
+    def __init__(self, dispatcher: Dispatcher, settings: Settings) -> None:
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.draining = False
+        self.active = 0
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/health/live", self.live, methods=["GET"]),
+                Route("/health/ready", self.ready, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
+                Route("/version", self.version, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.dispatcher.start()
+        try:
+            yield
+        finally:
+            await self.dispatcher.stop()
+
+    # ---- health & info ---------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        served = self.dispatcher.models()
+        if self.draining or not served:
+            return False
+        return all(m in served for m in self.settings.expected_models)
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"status": "alive"})
+
+    async def ready(self, request: Request) -> Response:
+        ok = self.is_ready()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    async def health(self, request: Request) -> Response:
+        workers = [{"id": w.worker_id, "models": sorted(w.models), "draining": w.draining,
+                    "running": w.load.running, "waiting": w.load.waiting,
+                    "inflight": len(w.inflight)} for w in self.dispatcher.workers.values()]
+        ok = self.is_ready()
+        return JSONResponse({"status": "ok" if ok else "unavailable", "ready": ok,
+                             "draining": self.draining, "workers": workers},
+                            status_code=200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    async def list_models(self, request: Request) -> Response:
+        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "vdiff",
+                 "root": m.name, "max_model_len": m.max_model_len}
+                for m in self.dispatcher.models().values()]
+        return JSONResponse({"object": "list", "data": data})
+
+    # ---- generation ----------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest, chat=False)
+
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, ChatCompletionRequest, chat=True)
+
+    async def _generate(self, request: Request, schema: type, chat: bool) -> Response:
+        rid = request.headers.get("x-request-id", "")
+        if not _RID.match(rid):
+            rid = uuid.uuid4().hex
+        headers = {"x-request-id": rid}
+        try:
+            the_plan = await self._plan(request, schema, rid)
+        except APIError as err:
+            err.headers.update(headers)
+            metrics.FAILURE.labels("", str(err.status)).inc()
+            return err.response()
+        start = time.perf_counter()
+        if the_plan.stream:
+            body = self._stream(the_plan, rid, chat, start)
+            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+        return await self._collect(the_plan, rid, chat, start, headers)
+
+    async def _plan(self, request: Request, schema: type, rid: str) -> Plan:
+        if self.draining:
+            raise APIError(503, "server is shutting down")
+        body = await self._body(request)
+        try:
+            req = msgspec.json.decode(body, type=schema)
+        except msgspec.MsgspecError as err:
+            raise from_validation(err) from None
+        info = self._model(req.model)
+        return plan(req, rid, info)
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.settings.max_request_bytes
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > limit:
+            raise APIError(413, f"request body is larger than {limit} bytes")
+        chunks, total = [], 0
+        async for part in request.stream():
+            total += len(part)
+            if total > limit:
+                raise APIError(413, f"request body is larger than {limit} bytes")
+            chunks.append(part)
+        return b"".join(chunks)
+
+    def _model(self, name: str | None) -> ModelInfo:
+        served = self.dispatcher.models()
+        if name is None:
+            if len(served) == 1:
+                return next(iter(served.values()))
+            raise APIError(400, "'model' is required", param="model")
+        if name in served:
+            return served[name]
+        if name in self.dispatcher.seen_models:
+            raise APIError(503, f"no worker serving model '{name}' is available", param="model")
+        raise APIError(404, f"The model '{name}' does not exist.", param="model")
+
+    async def _results(self, the_plan: Plan) -> AsyncIterator[tuple[int, Result]]:
+        """Merge the result streams of all jobs; yields (global choice index, message)."""
+        queue: asyncio.Queue[tuple[int, Result] | None] = asyncio.Queue()
+
+        async def pump(k: int) -> None:
+            try:
+                async for msg in self.dispatcher.submit(the_plan.jobs[k]):
+                    index = k * the_plan.n + (0 if isinstance(msg, Error) else msg.index)
+                    await queue.put((index, msg))
+            except NoWorker as err:
+                await queue.put((0, Error(the_plan.jobs[k].request_id, err.status, err.message)))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(k)) for k in range(len(the_plan.jobs))]
+        open_jobs = len(tasks)
+        self.active += 1
+        metrics.ACTIVE.inc()
+        try:
+            while open_jobs:
+                item = await queue.get()
+                if item is None:
+                    open_jobs -= 1
+                    continue
+                yield item
+                if isinstance(item[1], Error):
+                    return
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.active -= 1
+            metrics.ACTIVE.dec()
+
+    def _account(self, the_plan: Plan, usage: _Usage, start: float, status: int) -> None:
+        latency = time.perf_counter() - start
+        if status == 200:
+            metrics.SUCCESS.labels(the_plan.model).inc()
+        else:
+            metrics.FAILURE.labels(the_plan.model, str(status)).inc()
+        metrics.LATENCY.labels(the_plan.model).observe(latency)
+        metrics.PROMPT_TOKENS.labels(the_plan.model).inc(sum(usage.prompt.values()))
+        metrics.GENERATION_TOKENS.labels(the_plan.model).inc(usage.completion)
+        logger.info("request {} model={} status={} latency={:.3f}s prompt={} completion={}",
+                    the_plan.jobs[0].request_id, the_plan.model, status, latency,
+                    sum(usage.prompt.values()), usage.completion)
+
+    async def _collect(self, the_plan: Plan, rid: str, chat: bool, start: float,
+                       headers: dict[str, str]) -> Response:
+        choices = [_Choice() for _ in range(len(the_plan.jobs) * the_plan.n)]
+        usage = _Usage()
+        async for index, msg in self._results(the_plan):
+            if isinstance(msg, Error):
+                self._account(the_plan, usage, start, msg.status)
+                return APIError(msg.status, msg.message, msg.param, headers).response()
+            if isinstance(msg, Chunk):
+                choices[index].text += msg.text
+                choices[index].token_ids += msg.token_ids
+            else:
+                choices[index].finish_reason = msg.finish_reason
+                usage.add(msg)
+        self._account(the_plan, usage, start, 200)
+        out = []
+        for i, c in enumerate(choices):
+            item: dict[str, object] = {"index": i, "finish_reason": c.finish_reason,
+                                       "logprobs": None}
+            if chat:
+                item["message"] = {"role": "assistant", "content": c.text}
+            else:
+                item["text"] = c.text
+            if the_plan.return_token_ids:
+                item["token_ids"] = c.token_ids
+            out.append(item)
+        body = {"id": ("chatcmpl-" if chat else "cmpl-") + rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": the_plan.model, "choices": out,
+                "usage": usage.as_dict()}
+        return JSONResponse(body, headers=headers)
+
+    async def _stream(self, the_plan: Plan, rid: str, chat: bool,
+                      start: float) -> AsyncIterator[bytes]:
+        cid = ("chatcmpl-" if chat else "cmpl-") + rid
+        created = int(time.time())
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        usage = _Usage()
+        first = True
+
+        def event(choices: list[dict[str, object]], **extra: object) -> bytes:
+            body = {"id": cid, "object": kind, "created": created, "model": the_plan.model,
+                    "choices": choices, **extra}
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        if chat:
+            for i in range(len(the_plan.jobs) * the_plan.n):
+                yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                              "logprobs": None, "finish_reason": None}])
+        status = 200
+        async for index, msg in self._results(the_plan):
+            if isinstance(msg, Error):
+                status = msg.status
+                err = APIError(msg.status, msg.message, msg.param)
+                yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+                break
+            if first:
+                metrics.TTFC.labels(the_plan.model).observe(time.perf_counter() - start)
+                first = False
+            choice: dict[str, object] = {"index": index, "logprobs": None,
+                                         "finish_reason": None}
+            if isinstance(msg, Chunk):
+                if chat:
+                    choice["delta"] = {"content": msg.text}
+                else:
+                    choice["text"] = msg.text
+                if the_plan.return_token_ids:
+                    choice["token_ids"] = msg.token_ids
+            else:
+                usage.add(msg)
+                choice["finish_reason"] = msg.finish_reason
+                if chat:
+                    choice["delta"] = {}
+                else:
+                    choice["text"] = ""
+            yield event([choice])
+        if status == 200 and the_plan.include_usage:
+            yield event([], usage=usage.as_dict())
+        self._account(the_plan, usage, start, status)
+        yield b"data: [DONE]\n\n"

@@ -1,0 +1,229 @@
+"""Tracks workers over one ROUTER socket and routes jobs to them and their results back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from vdiff_api import metrics
+from vdiff_common import protocol, transport
+from vdiff_common.protocol import Abort, Chunk, Done, Error, Generate, Load, ModelInfo
+
+Result = Chunk | Done | Error
+
+
+class NoWorker(Exception):
+    """No live worker serves the model (status says 404 never seen, 503 gone or full)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    worker_id: str
+    models: dict[str, ModelInfo]
+    capacity: int
+    load: Load
+    last_seen: float
+    inflight: set[str] = field(default_factory=set)
+    draining: bool = False
+
+    def score(self) -> int:
+        # Heartbeat load lags; our own in-flight count is exact for what we sent.
+        return max(self.load.running + self.load.waiting, len(self.inflight))
+
+
+@dataclass
+class Job:
+    msg: Generate
+    queue: asyncio.Queue[Result]
+    worker: bytes | None = None
+    started: bool = False
+    retried: bool = False
+    open_choices: int = 1
+
+
+class Dispatcher:
+    def __init__(self, bind: str, heartbeat_s: float = 1.0) -> None:
+        self.bind = bind
+        self.heartbeat_s = heartbeat_s
+        self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
+        self.workers: dict[bytes, Worker] = {}
+        self.jobs: dict[str, Job] = {}
+        self.seen_models: set[str] = set()
+        self.frames = transport.FrameCounter(metrics.REJECTED_FRAMES.inc)
+        self._ctx = transport.make_context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._sock = transport.router(self._ctx, self.bind)
+        self._tasks = [asyncio.create_task(self._recv_loop()),
+                       asyncio.create_task(self._heartbeat_loop())]
+        logger.info("gateway {} listening for workers on {}", self.gateway_id, self.bind)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close(0)
+        self._ctx.term()
+
+    # ---- routing -------------------------------------------------------------------------
+    def models(self) -> dict[str, ModelInfo]:
+        out: dict[str, ModelInfo] = {}
+        for w in self.workers.values():
+            if not w.draining:
+                out.update(w.models)
+        return out
+
+    def _pick(self, model: str, exclude: bytes | None = None) -> Worker:
+        live = [w for w in self.workers.values()
+                if model in w.models and not w.draining and w.identity != exclude]
+        if not live:
+            if model in self.seen_models:
+                raise NoWorker(503, f"no worker serving model '{model}' is available")
+            raise NoWorker(404, f"The model '{model}' does not exist.")
+        return min(live, key=Worker.score)
+
+    async def submit(self, msg: Generate) -> AsyncIterator[Result]:
+        """Send a job; yield its chunks until every choice is Done or an Error arrives."""
+        worker = self._pick(msg.model)
+        job = Job(msg=msg, queue=asyncio.Queue(), open_choices=msg.n)
+        self.jobs[msg.request_id] = job
+        await self._send_job(job, worker)
+        try:
+            while True:
+                result = await job.queue.get()
+                yield result
+                if isinstance(result, Error):
+                    return
+                if isinstance(result, Done):
+                    job.open_choices -= 1
+                    if job.open_choices == 0:
+                        return
+        finally:
+            self._finish(msg.request_id, abort=job.open_choices > 0)
+
+    async def _send_job(self, job: Job, worker: Worker) -> None:
+        job.worker = worker.identity
+        worker.inflight.add(job.msg.request_id)
+        await self._send(worker.identity, job.msg)
+
+    def _finish(self, request_id: str, abort: bool) -> None:
+        job = self.jobs.pop(request_id, None)
+        if job is None or job.worker is None:
+            return
+        worker = self.workers.get(job.worker)
+        if worker is not None:
+            worker.inflight.discard(request_id)
+            if abort:
+                asyncio.ensure_future(self._send(worker.identity, Abort(request_id=request_id)))
+
+    async def _send(self, identity: bytes, msg: protocol.Message) -> None:
+        assert self._sock is not None
+        try:
+            await self._sock.send_multipart([identity, protocol.encode(msg)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            logger.warning("send to {!r} failed: {}", identity, err)
+
+    # ---- loops ---------------------------------------------------------------------------
+    async def _recv_loop(self) -> None:
+        assert self._sock is not None
+        while True:
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 2:
+                self.frames.reject(frames[0] if frames else b"?", ValueError("bad frame count"))
+                continue
+            identity, payload = frames
+            msg = transport.try_decode(payload, identity, self.frames)
+            if msg is not None:
+                await self._handle(identity, msg)
+
+    async def _handle(self, identity: bytes, msg: protocol.Message) -> None:
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        if isinstance(msg, protocol.Register):
+            await self._register(identity, msg)
+        elif isinstance(msg, protocol.Heartbeat):
+            if worker is None:
+                await self._send(identity, protocol.Welcome(self.gateway_id, False, "unregistered"))
+            else:
+                worker.load = msg.load
+        elif isinstance(msg, (Chunk, Done, Error)):
+            job = self.jobs.get(msg.request_id)
+            if job is not None:
+                job.started = job.started or isinstance(msg, Chunk)
+                job.queue.put_nowait(msg)
+        elif isinstance(msg, protocol.Goodbye):
+            if worker is not None:
+                logger.info("worker {} says goodbye; no new work goes to it", worker.worker_id)
+                worker.draining = True
+        else:
+            self.frames.reject(identity, ValueError(f"unexpected {type(msg).__name__}"))
+
+    async def _register(self, identity: bytes, msg: protocol.Register) -> None:
+        if msg.version != protocol.PROTOCOL_VERSION:
+            reason = f"protocol version {msg.version} not supported (gateway speaks " \
+                     f"{protocol.PROTOCOL_VERSION})"
+            logger.warning("rejecting worker {}: {}", msg.worker_id, reason)
+            await self._send(identity, protocol.Welcome(self.gateway_id, False, reason))
+            return
+        known = self.workers.get(identity)
+        self.workers[identity] = Worker(
+            identity=identity, worker_id=msg.worker_id,
+            models={m.name: m for m in msg.models}, capacity=msg.capacity,
+            load=msg.load, last_seen=time.monotonic(),
+            inflight=known.inflight if known is not None else set())
+        self.seen_models.update(m.name for m in msg.models)
+        metrics.WORKERS.set(len(self.workers))
+        logger.info("worker {} registered serving {}", msg.worker_id, [m.name for m in msg.models])
+        await self._send(identity, protocol.Welcome(self.gateway_id, True))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            now = time.monotonic()
+            for identity, worker in list(self.workers.items()):
+                if now - worker.last_seen > 3 * self.heartbeat_s:
+                    self._drop(identity, "silent for 3 heartbeats")
+                else:
+                    await self._send(identity, protocol.Heartbeat(sender_id=self.gateway_id))
+
+    def _drop(self, identity: bytes, why: str) -> None:
+        worker = self.workers.pop(identity)
+        metrics.WORKERS.set(len(self.workers))
+        logger.warning("worker {} is dead ({}); {} jobs affected", worker.worker_id, why,
+                       len(worker.inflight))
+        for request_id in list(worker.inflight):
+            job = self.jobs.get(request_id)
+            if job is not None:
+                self._rescue(job, identity)
+
+    def _rescue(self, job: Job, dead: bytes) -> None:
+        rid = job.msg.request_id
+        if not job.started and not job.retried:
+            try:
+                worker = self._pick(job.msg.model, exclude=dead)
+            except NoWorker:
+                pass
+            else:
+                job.retried = True
+                logger.info("retrying {} on worker {}", rid, worker.worker_id)
+                asyncio.ensure_future(self._send_job(job, worker))
+                return
+        job.queue.put_nowait(Error(request_id=rid, status=503,
+                                   message="the worker serving this request died"))

@@ -1,0 +1,89 @@
+"""`vdiff`: all-in-one — a gateway in this process plus local worker subprocesses."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+
+from loguru import logger
+
+from vdiff_api.cli import add_gateway_args, run_gateway
+from vdiff_common import config
+from vdiff_common.logging import setup_logging
+
+
+def _worker_flags() -> argparse.ArgumentParser:
+    # The worker's flags are defined once, in vdiff_worker.cli; importing it does not load torch.
+    from vdiff_worker.cli import add_worker_args
+
+    p = argparse.ArgumentParser(add_help=False)
+    add_worker_args(p, standalone=False)
+    return p
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    worker = _worker_flags()
+    p = argparse.ArgumentParser(prog="vdiff", parents=[worker],
+                                description="OpenAI-compatible server for diffusion LMs")
+    add_gateway_args(p)
+    config.add(p, "--workers", default=1, type=int, help="local worker processes to start")
+    return p, worker
+
+
+def worker_argv(args: argparse.Namespace, worker: argparse.ArgumentParser) -> list[str]:
+    """Re-express the worker's options as flags for its own process."""
+    argv: list[str] = []
+    for action in worker._actions:
+        if not action.option_strings:
+            continue
+        flag, value = action.option_strings[0], getattr(args, action.dest)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser) -> int:
+    common = ["--gateway", args.zmq_bind, "--heartbeat-interval", str(args.heartbeat_interval),
+              "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level,
+              "--log-format", args.log_format]
+    procs = [subprocess.Popen([sys.executable, "-m", "vdiff_worker", *worker_argv(args, worker),
+                               *common, "--worker-id", f"local-{i}"])
+             for i in range(args.workers)]
+    stop = asyncio.Event()
+
+    async def watch() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            if all(p.poll() is not None for p in procs):
+                logger.error("every worker process exited; stopping")
+                stop.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        code = await run_gateway(args, stop)
+    finally:
+        watcher.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=args.drain_timeout + 5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    failed = [p.returncode for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+    return code or (1 if failed else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, worker = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    sys.exit(asyncio.run(_run(args, worker)))

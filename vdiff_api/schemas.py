@@ -1,0 +1,77 @@
+"""OpenAI request schemas as msgspec Structs; unknown fields are refused, never ignored."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
+Prob = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Fields shared by completions and chat: OpenAI's, then vLLM/diffusion extras."""
+
+    model: str | None = None
+    max_tokens: PosInt | None = None
+    max_completion_tokens: PosInt | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted only at their neutral value: diffusion sampling has no token penalties.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+    # Diffusion fields (vLLM-style extra body).
+    decoding: Literal["reference", "threshold", "factor", "apd"] | None = None
+    diffusion_steps: PosInt | None = None
+    block_length: PosInt | None = None
+    remasking: Literal["low_confidence", "random"] | None = None
+    threshold: Prob | None = None
+    factor: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    cache: Literal["none", "prefix", "dual"] | None = None
+    cfg_scale: NonNeg = 0.0
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] | None = None
+    alg_temp: NonNeg | None = None
+    apd_mixture_weight: Prob | None = None
+    apd_kv_window: PosInt | None = None
+    apd_max_lookahead: PosInt | None = None
+    eos_early_stop: bool = True
+    return_token_ids: bool = False
+
+
+class CompletionRequest(_Sampling, forbid_unknown_fields=True, kw_only=True):
+    prompt: str | list[Any]  # text, token ids, or a batch of either; checked in plan()
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_Sampling, forbid_unknown_fields=True, kw_only=True):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True

@@ -1,0 +1,1 @@
+"""Shared pieces of both tiers: wire protocol, transport, configuration, logging."""

@@ -1,0 +1,126 @@
+"""Wire protocol between gateways and workers: the only place message shapes are defined."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+
+class Load(msgspec.Struct, frozen=True):
+    running: int = 0
+    waiting: int = 0
+    free_slots: int = 0
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    name: str
+    max_model_len: int
+    kind: str = "llada"
+
+
+class Register(msgspec.Struct, tag=True):
+    version: int
+    worker_id: str
+    models: list[ModelInfo]
+    capacity: int
+    load: Load = Load()
+
+
+class Welcome(msgspec.Struct, tag=True):
+    gateway_id: str
+    accepted: bool
+    reason: str = ""
+
+
+class Heartbeat(msgspec.Struct, tag=True):
+    sender_id: str
+    load: Load = Load()
+
+
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """OpenAI sampling fields plus diffusion fields; None means "the worker's default"."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    decoding: str | None = None
+    diffusion_steps: int | None = None
+    block_length: int | None = None
+    remasking: str | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str | None = None
+    cfg_scale: float = 0.0
+    alg: str | None = None
+    alg_temp: float | None = None
+    apd_mixture_weight: float | None = None
+    apd_kv_window: int | None = None
+    apd_max_lookahead: int | None = None
+    eos_early_stop: bool = True
+
+
+class Generate(msgspec.Struct, tag=True):
+    """A job: prompt (text, chat messages or token ids); `n` choices share it."""
+
+    request_id: str
+    model: str
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    params: SamplingParams = SamplingParams()
+    n: int = 1
+
+
+class Abort(msgspec.Struct, tag=True):
+    request_id: str
+
+
+class Chunk(msgspec.Struct, tag=True):
+    """Newly committed text of choice `index`, contiguous from the left of the answer."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+
+
+class Done(msgspec.Struct, tag=True):
+    request_id: str
+    index: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    forward_passes: int
+
+
+class Error(msgspec.Struct, tag=True):
+    request_id: str
+    status: int
+    message: str
+    param: str | None = None
+
+
+class Goodbye(msgspec.Struct, tag=True):
+    sender_id: str
+
+
+Message = Register | Welcome | Heartbeat | Generate | Abort | Chunk | Done | Error | Goodbye
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(frame: bytes) -> Message:
+    """Typed decode; raises msgspec.DecodeError (or ValidationError) on a bad frame."""
+    return _decoder.decode(frame)

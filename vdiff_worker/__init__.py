@@ -1,0 +1,1 @@
+"""The vdiff worker: models, tokenizer, engine and samplers behind a ZeroMQ link."""

@@ -1,0 +1,3 @@
+from vdiff_worker.cli import main
+
+main()

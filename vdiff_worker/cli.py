@@ -1,0 +1,121 @@
+"""`vdiff-worker`: load a model and serve it to one or more gateways."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from loguru import logger
+
+from vdiff_common import config
+from vdiff_common.logging import setup_logging
+from vdiff_common.protocol import ModelInfo
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "tests" / "data" / "golden" /
+                    "llada-tiny")
+
+
+def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
+    g = p.add_argument_group("worker")
+    config.add(g, "--model", default=DEFAULT_MODEL, help="checkpoint directory to serve")
+    config.add(g, "--served-model-name", default=None,
+               help="name clients use (default: the directory's name)")
+    config.add(g, "--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    config.add(g, "--chat-template", default=None, help="Jinja chat template file")
+    config.add(g, "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+               help="weight dtype")
+    config.add(g, "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
+    config.add(g, "--trust-remote-code", default=False, type=bool,
+               help="allow remote code for the transformers fallback")
+    config.add(g, "--diffusion-steps", default=None, type=int,
+               help="default denoising steps (default: one per generated token)")
+    config.add(g, "--block-size", default=32, type=int, help="default semi-AR block length")
+    config.add(g, "--max-tokens", default=128, type=int,
+               help="default generation canvas when a request sets no max_tokens")
+    config.add(g, "--decoding", default="reference",
+               choices=["reference", "threshold", "factor", "apd"], help="default strategy")
+    config.add(g, "--max-num-seqs", default=16, type=int,
+               help="sequences decoded together per step")
+    config.add(g, "--request-timeout", default=None, type=float,
+               help="seconds before a request is ended with an error")
+    config.add(g, "--num-threads", default=None, type=int,
+               help="torch intra-op threads (default: cores / 2, at least 1)")
+    if standalone:
+        config.add(g, "--gateway", default=["tcp://127.0.0.1:5557"], repeat=True,
+                   help="gateway ZeroMQ address (repeatable; DNS names follow all addresses)")
+        config.add(g, "--worker-id", default=None, help="stable worker identity")
+        config.add(g, "--heartbeat-interval", default=1.0, type=float,
+                   help="seconds between heartbeats")
+        config.add(g, "--drain-timeout", default=30.0, type=float,
+                   help="seconds in-flight work gets to finish on SIGTERM")
+        config.add(g, "--log-level", default="info", help="log level")
+        config.add(g, "--log-format", default="text", choices=["text", "json"],
+                   help="log format")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vdiff-worker", description=__doc__)
+    add_worker_args(p, standalone=True)
+    return p
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+async def serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from vdiff_worker.engine import Defaults, Engine
+    from vdiff_worker.models.errors import CheckpointError
+    from vdiff_worker.models.loader import load_model
+    from vdiff_worker.service import WorkerService
+
+    torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
+    try:
+        loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device),
+                            tokenizer_path=args.tokenizer, chat_template=args.chat_template,
+                            trust_remote_code=args.trust_remote_code)
+    except CheckpointError as err:
+        logger.error("cannot load model: {}", err)
+        return 2
+    name = args.served_model_name or loaded.name
+    defaults = Defaults(max_tokens=args.max_tokens, diffusion_steps=args.diffusion_steps,
+                        block_length=args.block_size, decoding=args.decoding)
+    worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    service: WorkerService
+    engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m),
+                    max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout)
+    service = WorkerService(engine, list(args.gateway), worker_id,
+                            ModelInfo(name=name, max_model_len=loaded.max_model_len,
+                                      kind=loaded.kind),
+                            heartbeat_s=args.heartbeat_interval)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    engine.start()
+    logger.info("worker {} serving {} ({}) from {}", worker_id, name, loaded.kind, args.model)
+    await service.run(stop, args.drain_timeout)
+    engine.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    sys.exit(asyncio.run(serve(args)))
+
+
+if __name__ == "__main__":
+    main()

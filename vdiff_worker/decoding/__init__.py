@@ -1,0 +1,17 @@
+"""Decoding strategies, looked up by (model kind, decoding name)."""
+
+from __future__ import annotations
+
+from vdiff_worker.decoding.base import ParamError, Strategy
+from vdiff_worker.decoding.llada import LLaDAReference
+
+_ALL: list[type[Strategy]] = [LLaDAReference]
+
+
+def strategy_for(kind: str, name: str) -> type[Strategy]:
+    for cls in _ALL:
+        if cls.name == name and kind in cls.kinds:
+            return cls
+    names = sorted({c.name for c in _ALL if kind in c.kinds})
+    raise ParamError("decoding", f"decoding '{name}' is not available for {kind} models; "
+                                 f"available: {', '.join(names) or 'none'}")

@@ -1,0 +1,129 @@
+"""The one small interface every decoding strategy implements.
+
+A strategy is written like the reference loop it reproduces, except that each model call is a
+``yield``: it yields a :class:`Forward` and receives the model output. The engine collects the
+pending calls of all active sequences and runs compatible ones as one batched pass, so
+strategies never see each other and never know about batching.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from vdiff_worker.models.base import KVCache, ModelOutput
+
+
+class ParamError(ValueError):
+    """A request parameter this strategy cannot honour; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Forward:
+    """One model call: `rows` sequences of equal length (several rows, e.g. for CFG)."""
+
+    input_ids: Tensor  # [R, L]
+    position_ids: Tensor  # [R, L]
+    key_mask: Tensor | None = None  # [R, P+L+S]
+    kv_before: KVCache | None = None
+    kv_after: KVCache | None = None
+    return_kv: bool = False
+    model: str = "main"  # "main" or "verifier"
+
+    @property
+    def batchable(self) -> bool:
+        """Plain full-sequence passes of the main model can share one padded batch."""
+        return (self.model == "main" and self.kv_before is None and self.kv_after is None
+                and not self.return_kv)
+
+
+@dataclass
+class Settings:
+    """A sequence's resolved decoding parameters (request fields over server defaults)."""
+
+    gen_length: int
+    steps: int
+    block_length: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = -1
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    factor: float | None = None
+    cache: str = "none"
+    cfg_scale: float = 0.0
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    apd_mixture_weight: float = 0.7
+    apd_kv_window: int | None = None
+    apd_max_lookahead: int | None = None
+    max_parallel: int | None = None
+
+
+@dataclass
+class Context:
+    """What a strategy may read and write for one sequence (one choice)."""
+
+    prompt: Tensor  # [P] long, on the model device
+    settings: Settings
+    mask_id: int
+    generator: torch.Generator
+    canvas: Tensor = field(init=False)  # [gen_length] long: the answer being denoised
+
+    def __post_init__(self) -> None:
+        self.canvas = torch.full((self.settings.gen_length,), self.mask_id, dtype=torch.long,
+                                 device=self.prompt.device)
+
+
+Steps = Generator[Forward, ModelOutput, None]
+
+
+class Strategy(abc.ABC):
+    """A decoding algorithm over one sequence's canvas."""
+
+    name: ClassVar[str]
+    kinds: ClassVar[tuple[str, ...]]  # model kinds it decodes
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    def check(cls, s: Settings) -> None:
+        """Refuse settings this strategy cannot run; raise ParamError naming the field."""
+        return None
+
+    @abc.abstractmethod
+    def run(self) -> Steps:
+        """Denoise ``ctx.canvas`` in place, yielding each model call."""
+
+
+def full_sequence(prompt: Tensor, canvas: Tensor) -> Forward:
+    """A plain pass over prompt + canvas, positions from 0."""
+    ids = torch.cat([prompt, canvas]).unsqueeze(0)
+    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    return Forward(input_ids=ids, position_ids=pos)
+
+
+def blocks(gen_length: int, block_length: int) -> list[tuple[int, int]]:
+    """Semi-autoregressive blocks [start, end) of the canvas; the last may be shorter."""
+    return [(s, min(s + block_length, gen_length)) for s in range(0, gen_length, block_length)]
+
+
+def steps_per_block(steps: int, n_blocks: int) -> int:
+    # The references require steps divisible by the block count; round up otherwise.
+    return max(1, -(-steps // n_blocks))
+
+
+def transfer_schedule(n_masked: int, steps: int) -> list[int]:
+    """How many tokens to unmask at each step of a block: even split, remainder first."""
+    base, rem = divmod(n_masked, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]

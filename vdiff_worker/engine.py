@@ -1,0 +1,261 @@
+"""Step-level batching engine: every step, one batched forward over all active sequences."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+
+from vdiff_common.protocol import Error, Generate, Load, Message
+from vdiff_worker.decoding import strategy_for
+from vdiff_worker.decoding.base import Context, Forward, ParamError, Settings
+from vdiff_worker.models.base import ModelOutput
+from vdiff_worker.models.loader import LoadedModel
+from vdiff_worker.sequence import Sequence
+
+Emit = Callable[[int, Message], None]
+
+
+@dataclass
+class Defaults:
+    """Server-wide defaults for fields a request leaves unset."""
+
+    max_tokens: int = 128
+    diffusion_steps: int | None = None  # None: one step per token
+    block_length: int = 32
+    decoding: str = "reference"
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    threshold: float = 0.9
+    cache: str = "none"
+    alg: str = "entropy"
+    max_parallel: int | None = None
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, defaults: Defaults, emit: Emit,
+                 max_num_seqs: int = 16, request_timeout: float | None = None,
+                 verifier: torch.nn.Module | None = None) -> None:
+        self.loaded = loaded
+        self.models = {"main": loaded.model}
+        if verifier is not None:
+            self.models["verifier"] = verifier
+        self.defaults = defaults
+        self.emit = emit
+        self.max_num_seqs = max_num_seqs
+        self.request_timeout = request_timeout
+        self.inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.steps = 0
+        self.accepting = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    # ---- called from the network thread ----------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    def submit(self, job: Generate, reply_to: int) -> None:
+        self.inbox.put(("job", (job, reply_to)))
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id))
+
+    def load(self) -> Load:
+        running, waiting = len(self.running), len(self.waiting)
+        return Load(running=running, waiting=waiting,
+                    free_slots=max(0, self.max_num_seqs - running - waiting))
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting and self.inbox.empty()
+
+    # ---- engine thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._drain_inbox(block=not (self.running or self.waiting))
+            self._expire()
+            while self.waiting and len(self.running) < self.max_num_seqs:
+                self.running.append(self.waiting.popleft())
+            if self.running:
+                try:
+                    self.step()
+                except Exception as err:  # noqa: BLE001 - a bad batch must not kill the worker
+                    self._isolate(err)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            kind, item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if kind == "job":
+                job, reply_to = item  # type: ignore[misc]
+                self._admit(job, reply_to)
+            elif kind == "abort":
+                self._drop(str(item))
+            try:
+                kind, item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, job: Generate, reply_to: int) -> None:
+        if not self.accepting:
+            self.emit(reply_to, Error(job.request_id, 503, "worker is shutting down"))
+            return
+        try:
+            seqs = self._sequences(job, reply_to)
+        except ParamError as err:
+            self.emit(reply_to, Error(job.request_id, 400, str(err), err.param))
+            return
+        self.waiting.extend(seqs)
+
+    def _settings(self, job: Generate) -> tuple[Settings, str]:
+        p, d = job.params, self.defaults
+        gen = p.max_tokens or d.max_tokens
+        block = min(p.block_length or d.block_length, gen)
+        s = Settings(
+            gen_length=gen, steps=p.diffusion_steps or d.diffusion_steps or gen,
+            block_length=block,
+            temperature=d.temperature if p.temperature is None else p.temperature,
+            top_p=p.top_p, top_k=p.top_k, remasking=p.remasking or d.remasking,
+            threshold=p.threshold, factor=p.factor, cache=p.cache or d.cache,
+            cfg_scale=p.cfg_scale, alg=p.alg or d.alg, alg_temp=p.alg_temp,
+            max_parallel=d.max_parallel)
+        return s, p.decoding or d.decoding
+
+    def _prompt_ids(self, job: Generate) -> list[int]:
+        tok = self.loaded.tokenizer
+        if job.messages is not None:
+            return tok.apply_chat_template(job.messages)
+        if job.prompt is not None:
+            return tok.encode(job.prompt)
+        ids = list(job.prompt_ids or [])
+        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary "
+                                       f"(size {tok.vocab_size})")
+        return ids
+
+    def _sequences(self, job: Generate, reply_to: int) -> list[Sequence]:
+        settings, decoding = self._settings(job)
+        cls = strategy_for(self.loaded.kind, decoding)
+        cls.check(settings)
+        ids = self._prompt_ids(job)
+        limit = self.loaded.max_model_len
+        if len(ids) + settings.gen_length > limit:
+            raise ParamError("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens "
+                                           f"({settings.gen_length}) exceeds the model's "
+                                           f"maximum context length of {limit} tokens")
+        device = self.loaded.device
+        prompt = torch.tensor(ids, dtype=torch.long, device=device)
+        stop_ids = self.loaded.tokenizer.stop_token_ids | frozenset(job.params.stop_token_ids)
+        deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
+        out = []
+        for i in range(job.n):
+            gen = torch.Generator(device=device)
+            seed = job.params.seed
+            gen.manual_seed(seed + i if seed is not None else int(torch.randint(2**62, ())))
+            mask_id = self.loaded.mask_token_id if self.loaded.mask_token_id is not None else -1
+            ctx = Context(prompt=prompt, settings=settings, mask_id=mask_id, generator=gen)
+            out.append(Sequence(
+                request_id=job.request_id, index=i, reply_to=reply_to, ctx=ctx,
+                strategy=cls(ctx), tokenizer=self.loaded.tokenizer, stop_ids=stop_ids,
+                stop_strings=list(job.params.stop), early_stop=job.params.eos_early_stop,
+                deadline=deadline))
+        return out
+
+    def _drop(self, request_id: str) -> None:
+        for pool in (self.running, self.waiting):
+            for seq in [s for s in pool if s.request_id == request_id]:
+                seq.close()
+                pool.remove(seq)  # type: ignore[attr-defined]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq in [s for s in (*self.running, *self.waiting)
+                    if s.deadline is not None and now > s.deadline]:
+            self._drop(seq.request_id)
+            self.emit(seq.reply_to, Error(seq.request_id, 408, "request timed out"))
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> None:
+        active = [s for s in self.running if s.pending is not None]
+        outputs = self._forward([s.pending for s in active])  # type: ignore[misc]
+        for seq, out in zip(active, outputs):
+            seq.advance(out)
+        self.steps += 1
+        for seq in list(self.running):
+            chunk = seq.collect()
+            if chunk is not None:
+                self.emit(seq.reply_to, chunk)
+            if seq.done:
+                seq.close()
+                self.running.remove(seq)
+                self.emit(seq.reply_to, seq.result())
+
+    def _isolate(self, err: Exception) -> None:
+        """A batched step failed: step each sequence alone; those that still fail end alone."""
+        logger.warning("batched step failed ({}); retrying {} sequences one by one",
+                       err, len(self.running))
+        for seq in list(self.running):
+            if seq.pending is None:
+                continue
+            try:
+                seq.advance(self._forward([seq.pending])[0])
+            except Exception as alone:  # noqa: BLE001
+                logger.error("request {} failed: {}", seq.request_id, alone)
+                self._drop(seq.request_id)
+                self.emit(seq.reply_to, Error(seq.request_id, 500,
+                                              f"generation failed: {type(alone).__name__}"))
+
+    def _forward(self, calls: list[Forward]) -> list[ModelOutput]:
+        """Run the calls: plain passes as one padded batch, cached ones on their own."""
+        results: list[ModelOutput | None] = [None] * len(calls)
+        plain = [i for i, f in enumerate(calls) if f.batchable]
+        for i, f in enumerate(calls):
+            if not f.batchable:
+                results[i] = self._call(f)
+        if plain:
+            for i, out in zip(plain, self._batched([calls[i] for i in plain])):
+                results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _call(self, f: Forward) -> ModelOutput:
+        return self.models[f.model](f.input_ids, position_ids=f.position_ids, key_mask=f.key_mask,
+                     kv_before=f.kv_before, kv_after=f.kv_after, return_kv=f.return_kv)
+
+    def _batched(self, calls: list[Forward]) -> list[ModelOutput]:
+        if len(calls) == 1:
+            return [self._call(calls[0])]
+        width = max(int(f.input_ids.shape[1]) for f in calls)
+        ids, pos, keys = [], [], []
+        for f in calls:
+            rows, length = f.input_ids.shape
+            pad = width - int(length)
+            ids.append(torch.nn.functional.pad(f.input_ids, (0, pad)))
+            pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
+            mask = f.key_mask if f.key_mask is not None else torch.ones(
+                rows, length, dtype=torch.bool, device=f.input_ids.device)
+            keys.append(torch.nn.functional.pad(mask, (0, pad), value=False))
+        out = self.loaded.model(torch.cat(ids), position_ids=torch.cat(pos),
+                                key_mask=torch.cat(keys))
+        results, row = [], 0
+        for f in calls:
+            rows, length = f.input_ids.shape
+            results.append(ModelOutput(logits=out.logits[row:row + rows, :length], kv=None))
+            row += rows
+        return results

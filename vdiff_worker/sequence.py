@@ -1,0 +1,102 @@
+"""One choice of one request: its strategy's step generator and what it has committed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vdiff_common.protocol import Chunk, Done
+from vdiff_worker.decoding.base import Context, Forward, Strategy
+from vdiff_worker.models.base import ModelOutput
+from vdiff_worker.tokenizer import Tokenizer
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    index: int
+    reply_to: int  # which gateway socket the results go back on
+    ctx: Context
+    strategy: Strategy
+    tokenizer: Tokenizer
+    stop_ids: frozenset[int]
+    stop_strings: list[str]
+    early_stop: bool
+    deadline: float | None = None
+    forward_passes: int = 0
+    tokens: list[int] = field(default_factory=list)  # committed answer before any stop token
+    text_sent: str = ""
+    finish_reason: str | None = None  # set when the answer is final
+    stopped_by_token: bool = False
+    pending: Forward | None = None
+
+    def __post_init__(self) -> None:
+        self._steps = self.strategy.run()
+        self._scanned = 0  # canvas positions already looked at
+        self.pending = next(self._steps, None)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.ctx.prompt.numel())
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to compute: the strategy ended, or the answer is final (after a stop
+        token only with early stop; with it off the whole canvas is decoded, as the reference)."""
+        final = self.finish_reason is not None and (self.early_stop or not self.stopped_by_token)
+        return self.pending is None or final
+
+    def advance(self, out: ModelOutput) -> None:
+        assert self.pending is not None
+        self.forward_passes += int(self.pending.input_ids.shape[0])
+        try:
+            self.pending = self._steps.send(out)
+        except StopIteration:
+            self.pending = None
+
+    def close(self) -> None:
+        self._steps.close()
+        self.pending = None
+
+    def collect(self) -> Chunk | None:
+        """New text committed contiguously from the left, with stop tokens/strings applied."""
+        if self.finish_reason is not None:
+            return None
+        canvas = self.ctx.canvas.tolist()
+        mask = self.ctx.mask_id
+        new: list[int] = []
+        while self._scanned < len(canvas) and canvas[self._scanned] != mask:
+            tok = canvas[self._scanned]
+            self._scanned += 1
+            if tok in self.stop_ids:
+                self.finish_reason = "stop"
+                self.stopped_by_token = True
+                break
+            new.append(tok)
+        self.tokens += new
+        if self.finish_reason is None and self._scanned == len(canvas):
+            self.finish_reason = "length"
+        text = self.tokenizer.decode(self.tokens)
+        for stop in self.stop_strings:
+            at = text.find(stop)
+            if at != -1:
+                text = text[:at]
+                self.finish_reason = "stop"
+        if self.finish_reason is None:
+            # Hold back what may be an unfinished character or the start of a stop string.
+            hold = max((len(s) - 1 for s in self.stop_strings), default=0)
+            cut = len(text) - hold
+            while cut > len(self.text_sent) and text[cut - 1] == "\ufffd":
+                cut -= 1
+            text = text[: max(cut, len(self.text_sent))]
+        delta = text[len(self.text_sent):] if text.startswith(self.text_sent) else ""
+        self.text_sent += delta
+        if not delta and not new:
+            return None
+        return Chunk(request_id=self.request_id, index=self.index, text=delta, token_ids=new)
+
+    def result(self, finish_reason: str | None = None) -> Done:
+        return Done(request_id=self.request_id, index=self.index,
+                    finish_reason=finish_reason or self.finish_reason or "length",
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=len(self.tokens) + int(self.stopped_by_token),
+                    forward_passes=self.forward_passes)

@@ -1,0 +1,162 @@
+"""The worker's network side: DEALER sockets to every gateway, handshake, heartbeats, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+from loguru import logger
+
+from vdiff_common import protocol, transport
+from vdiff_common.protocol import Abort, Generate, Heartbeat, ModelInfo, Register, Welcome
+from vdiff_worker.engine import Engine
+
+
+@dataclass
+class Link:
+    """One connected gateway address."""
+
+    address: str
+    sock: zmq.asyncio.Socket
+    registered: bool = False
+    last_heard: float = field(default_factory=time.monotonic)
+
+
+def resolve(address: str) -> list[str]:
+    """A tcp:// address with a DNS name stands for every address it resolves to."""
+    parts = urlsplit(address)
+    if parts.scheme != "tcp" or parts.hostname is None:
+        return [address]
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        logger.warning("cannot resolve gateway {}: {}", address, err)
+        return []
+    hosts = sorted({str(i[4][0]) for i in infos})
+    return [f"tcp://[{h}]:{parts.port}" if ":" in h else f"tcp://{h}:{parts.port}"
+            for h in hosts]
+
+
+class WorkerService:
+    def __init__(self, engine: Engine, gateways: list[str], worker_id: str,
+                 model: ModelInfo, heartbeat_s: float = 1.0, resolve_s: float = 10.0) -> None:
+        self.engine = engine
+        self.gateways = gateways
+        self.worker_id = worker_id
+        self.model = model
+        self.heartbeat_s = heartbeat_s
+        self.resolve_s = resolve_s
+        self.ctx = transport.make_context()
+        self.links: dict[str, Link] = {}
+        self.frames = transport.FrameCounter()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._by_index: list[Link] = []
+
+    # ---- engine callback (engine thread) ------------------------------------------------
+    def emit(self, reply_to: int, msg: protocol.Message) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._send_index, reply_to, msg)
+
+    def _send_index(self, index: int, msg: protocol.Message) -> None:
+        if 0 <= index < len(self._by_index):
+            self._send(self._by_index[index], msg)
+
+    def _send(self, link: Link, msg: protocol.Message) -> None:
+        try:
+            link.sock.send(protocol.encode(msg), flags=zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            logger.debug("send to {} failed: {}", link.address, err)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, drain_timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._refresh_links()
+        self._tasks = [asyncio.create_task(self._heartbeat_loop()),
+                       asyncio.create_task(self._resolve_loop())]
+        await stop.wait()
+        await self.drain(drain_timeout)
+
+    async def drain(self, timeout: float) -> None:
+        logger.info("worker {} draining", self.worker_id)
+        self.engine.accepting = False
+        for link in self.links.values():
+            self._send(link, protocol.Goodbye(sender_id=self.worker_id))
+        deadline = time.monotonic() + timeout
+        while not self.engine.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # let the last results leave the sockets
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for link in self.links.values():
+            link.sock.close(0)
+        self.ctx.term()
+
+    def _refresh_links(self) -> None:
+        wanted = [a for g in self.gateways for a in resolve(g)]
+        for address in wanted:
+            if address not in self.links:
+                sock = transport.dealer(self.ctx, address, self.worker_id.encode())
+                link = Link(address=address, sock=sock)
+                self.links[address] = link
+                self._by_index.append(link)
+                self._tasks.append(asyncio.create_task(self._recv_loop(link)))
+                self._register(link)
+                logger.info("worker {} connecting to gateway {}", self.worker_id, address)
+
+    def _register(self, link: Link) -> None:
+        self._send(link, Register(version=protocol.PROTOCOL_VERSION, worker_id=self.worker_id,
+                                  models=[self.model], capacity=self.engine.max_num_seqs,
+                                  load=self.engine.load()))
+
+    # ---- loops ---------------------------------------------------------------------------
+    async def _recv_loop(self, link: Link) -> None:
+        index = self._by_index.index(link)
+        while True:
+            payload = await link.sock.recv()
+            msg = transport.try_decode(payload, link.address.encode(), self.frames)
+            if msg is None:
+                continue
+            link.last_heard = time.monotonic()
+            if isinstance(msg, Generate):
+                self.engine.submit(msg, index)
+            elif isinstance(msg, Abort):
+                self.engine.abort(msg.request_id)
+            elif isinstance(msg, Welcome):
+                self._welcome(link, msg)
+            elif not isinstance(msg, Heartbeat):
+                self.frames.reject(link.address.encode(),
+                                   ValueError(f"unexpected {type(msg).__name__}"))
+
+    def _welcome(self, link: Link, msg: Welcome) -> None:
+        if msg.accepted:
+            link.registered = True
+            logger.info("registered with gateway {} ({})", msg.gateway_id, link.address)
+        elif msg.reason == "unregistered":
+            link.registered = False
+            self._register(link)  # the gateway restarted and forgot us
+        else:
+            logger.error("gateway {} refused registration: {}", link.address, msg.reason)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            now = time.monotonic()
+            for link in self.links.values():
+                if not link.registered or now - link.last_heard > 3 * self.heartbeat_s:
+                    link.registered = False
+                    self._register(link)
+                else:
+                    self._send(link, Heartbeat(sender_id=self.worker_id,
+                                               load=self.engine.load()))
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolve_s)
+            self._refresh_links()
