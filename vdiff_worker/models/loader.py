@@ -20,6 +20,7 @@ import torch
 from loguru import logger
 from torch import nn
 
+from vdiff_worker.models.dream import DreamConfig, DreamModel
 from vdiff_worker.models.errors import CheckpointError
 from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
 from vdiff_worker.models.weights import load_weights
@@ -60,9 +61,15 @@ def _build_llada(cfg: dict[str, Any]) -> _Built:
     return _Built(LLaDAModel(config), config.mask_token_id, config.max_sequence_length)
 
 
+def _build_dream(cfg: dict[str, Any]) -> _Built:
+    config = DreamConfig.from_dict(cfg)
+    return _Built(DreamModel(config), config.mask_token_id, config.max_position_embeddings)
+
+
 # kind -> (model_type values, architecture names, builder of a meta-device model)
 _NATIVE: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict[str, Any]], _Built]]] = {
     "llada": (("llada",), ("LLaDAModelLM",), _build_llada),
+    "dream": (("dream",), ("DreamModel",), _build_dream),
 }
 
 

@@ -1,0 +1,168 @@
+"""Dream (Dream-org/Dream-v0-*) as a native bidirectional transformer.
+
+Dream is Qwen2 (q/k/v bias, grouped-query attention, RMSNorm, SwiGLU) with the causal
+mask removed. Logits come back raw: Dream reads the prediction for position i at i - 1,
+and that shift belongs to the decoder. Module names follow the checkpoint
+(``model.layers.N.self_attn.q_proj`` ..., ``lm_head``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vdiff_worker.models.base import AttentionBlock, BidirectionalLM
+from vdiff_worker.models.config import get_bool, get_float, get_int, require_value
+from vdiff_worker.models.layers import (
+    KVPair,
+    RMSNorm,
+    RopeTables,
+    Rotary,
+    apply_rope,
+    attend,
+    merge_heads,
+    split_heads,
+    swiglu,
+)
+
+
+@dataclass(frozen=True)
+class DreamConfig:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    mask_token_id: int | None
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> DreamConfig:
+        require_value(cfg, "hidden_act", ("silu",), "Dream")
+        require_value(cfg, "rope_scaling", (None,), "Dream")
+        require_value(cfg, "use_sliding_window", (False,), "Dream")
+        hidden = get_int(cfg, "hidden_size")
+        heads = get_int(cfg, "num_attention_heads")
+        mask = cfg.get("mask_token_id")
+        return cls(
+            hidden_size=hidden,
+            num_layers=get_int(cfg, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=get_int(cfg, "num_key_value_heads", default=heads),
+            head_dim=get_int(cfg, "head_dim", default=hidden // heads),
+            intermediate_size=get_int(cfg, "intermediate_size"),
+            vocab_size=get_int(cfg, "vocab_size"),
+            rope_theta=get_float(cfg, "rope_theta", 10000.0),
+            rms_norm_eps=get_float(cfg, "rms_norm_eps", 1e-6),
+            tie_word_embeddings=get_bool(cfg, "tie_word_embeddings", False),
+            max_position_embeddings=get_int(cfg, "max_position_embeddings", default=32768),
+            mask_token_id=mask if isinstance(mask, int) else None,
+        )
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
+        self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: RopeTables,
+        key_mask: Tensor | None,
+        before: KVPair | None,
+        after: KVPair | None,
+    ) -> tuple[Tensor, KVPair]:
+        q = apply_rope(split_heads(self.q_proj(x), self.num_heads), rope)
+        k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), rope)
+        v = split_heads(self.v_proj(x), self.num_kv_heads)
+        out = self.o_proj(merge_heads(attend(q, (k, v), key_mask, before, after)))
+        return out, (k, v)
+
+
+class DreamMLP(nn.Module):
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return out
+
+
+class DreamLayer(AttentionBlock):
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DreamAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = DreamMLP(cfg)
+
+    def forward(
+        self,
+        h: Tensor,
+        rope: RopeTables,
+        key_mask: Tensor | None,
+        before: KVPair | None,
+        after: KVPair | None,
+    ) -> tuple[Tensor, KVPair]:
+        attn, kv = self.self_attn(self.input_layernorm(h), rope, key_mask, before, after)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, kv
+
+
+class DreamBackbone(nn.Module):
+    """The ``model.`` level of the checkpoint's names."""
+
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DreamLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DreamModel(BidirectionalLM):
+    def __init__(self, cfg: DreamConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        # Qwen2 rotates in the model dtype, not float32.
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, full_precision=False)
+        self.model = DreamBackbone(cfg)
+        # Tied checkpoints carry no lm_head: the embedding doubles as the output projection.
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        )
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        h: Tensor = self.model.embed_tokens(input_ids)
+        return h
+
+    def layers(self) -> Sequence[AttentionBlock]:
+        return cast(Sequence[AttentionBlock], self.model.layers)
+
+    def head(self, h: Tensor) -> Tensor:
+        h = self.model.norm(h)
+        if self.lm_head is None:
+            return F.linear(h, self.model.embed_tokens.weight)
+        out: Tensor = self.lm_head(h)
+        return out
