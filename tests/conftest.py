@@ -51,20 +51,21 @@ def spawn(module: str, args: list[str], log: Path, env: dict[str, str] | None = 
     return Proc(popen, log)
 
 
-def wait_ready(base: str, procs: list[Proc], timeout: float = 120.0) -> None:
+def wait_ready(base: str, procs: list[Proc], timeout: float = 120.0,
+               path: str = "/health/ready") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
             if p.popen.poll() is not None:
                 raise RuntimeError(f"process exited early:\n{p.output()[-3000:]}")
         try:
-            if httpx.get(f"{base}/health/ready", timeout=1.0).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=1.0).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
-    raise TimeoutError("server did not become ready:\n" + "\n".join(p.output()[-2000:]
-                                                                     for p in procs))
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} never answered 200:\n" + "\n".join(p.output()[-2000:]
+                                                                    for p in procs))
 
 
 @dataclass

@@ -152,7 +152,8 @@ class Gateway:
             raise APIError(503, "server is shutting down")
         body = await self._body(request)
         try:
-            req = msgspec.json.decode(body, type=schema)
+            req: CompletionRequest | ChatCompletionRequest = msgspec.json.decode(
+                body, type=schema)
         except msgspec.MsgspecError as err:
             raise from_validation(err) from None
         info = self._model(req.model)

@@ -103,8 +103,8 @@ class Engine:
             return
         while True:
             if kind == "job":
-                job, reply_to = item  # type: ignore[misc]
-                self._admit(job, reply_to)
+                assert isinstance(item, tuple)
+                self._admit(item[0], item[1])
             elif kind == "abort":
                 self._drop(str(item))
             try:
