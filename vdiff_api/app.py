@@ -8,7 +8,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -57,6 +57,16 @@ class _Usage:
                 "total_tokens": p + self.completion, "forward_passes": self.forward_passes}
 
 
+async def _chain(first: tuple[int, Result], rest: AsyncGenerator[tuple[int, Result], None],
+                 ) -> AsyncIterator[tuple[int, Result]]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -71,6 +81,7 @@ class Gateway:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/engine/stats", self.engine_stats, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/health/live", self.live, methods=["GET"]),
                 Route("/health/ready", self.ready, methods=["GET"]),
@@ -117,6 +128,16 @@ class Gateway:
     async def version(self, request: Request) -> Response:
         return JSONResponse({"version": __version__})
 
+    async def engine_stats(self, request: Request) -> Response:
+        workers = [{"id": w.worker_id, "models": sorted(w.models), "running": w.load.running,
+                    "waiting": w.load.waiting, "free_slots": w.load.free_slots,
+                    "inflight": len(w.inflight), "capacity": w.capacity,
+                    "steps_per_s": w.load.steps_per_s,
+                    "tokens_per_forward": w.load.tokens_per_forward,
+                    "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max}}
+                   for w in self.dispatcher.workers.values()]
+        return JSONResponse({"workers": workers})
+
     async def list_models(self, request: Request) -> Response:
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "vdiff",
                  "root": m.name, "max_model_len": m.max_model_len}
@@ -142,10 +163,18 @@ class Gateway:
             metrics.FAILURE.labels("", str(err.status)).inc()
             return err.response()
         start = time.perf_counter()
+        results = self._results(the_plan)
+        first = await anext(results)
+        if isinstance(first[1], Error):
+            await results.aclose()
+            self._account(the_plan, _Usage(), start, first[1].status)
+            return APIError(first[1].status, first[1].message, first[1].param,
+                            headers).response()
         if the_plan.stream:
-            body = self._stream(the_plan, rid, chat, start)
+            body = self._stream(the_plan, rid, chat, start, _chain(first, results))
             return StreamingResponse(body, media_type="text/event-stream", headers=headers)
-        return await self._collect(the_plan, rid, chat, start, headers)
+        return await self._collect(the_plan, rid, start, chat, headers,
+                                   _chain(first, results))
 
     async def _plan(self, request: Request, schema: type, rid: str) -> Plan:
         if self.draining:
@@ -184,7 +213,7 @@ class Gateway:
             raise APIError(503, f"no worker serving model '{name}' is available", param="model")
         raise APIError(404, f"The model '{name}' does not exist.", param="model")
 
-    async def _results(self, the_plan: Plan) -> AsyncIterator[tuple[int, Result]]:
+    async def _results(self, the_plan: Plan) -> AsyncGenerator[tuple[int, Result], None]:
         """Merge the result streams of all jobs; yields (global choice index, message)."""
         queue: asyncio.Queue[tuple[int, Result] | None] = asyncio.Queue()
 
@@ -231,11 +260,12 @@ class Gateway:
                     the_plan.jobs[0].request_id, the_plan.model, status, latency,
                     sum(usage.prompt.values()), usage.completion)
 
-    async def _collect(self, the_plan: Plan, rid: str, chat: bool, start: float,
-                       headers: dict[str, str]) -> Response:
+    async def _collect(self, the_plan: Plan, rid: str, start: float, chat: bool,
+                       headers: dict[str, str],
+                       results: AsyncIterator[tuple[int, Result]]) -> Response:
         choices = [_Choice() for _ in range(len(the_plan.jobs) * the_plan.n)]
         usage = _Usage()
-        async for index, msg in self._results(the_plan):
+        async for index, msg in results:
             if isinstance(msg, Error):
                 self._account(the_plan, usage, start, msg.status)
                 return APIError(msg.status, msg.message, msg.param, headers).response()
@@ -263,8 +293,8 @@ class Gateway:
                 "usage": usage.as_dict()}
         return JSONResponse(body, headers=headers)
 
-    async def _stream(self, the_plan: Plan, rid: str, chat: bool,
-                      start: float) -> AsyncIterator[bytes]:
+    async def _stream(self, the_plan: Plan, rid: str, chat: bool, start: float,
+                      results: AsyncIterator[tuple[int, Result]]) -> AsyncIterator[bytes]:
         cid = ("chatcmpl-" if chat else "cmpl-") + rid
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -281,7 +311,7 @@ class Gateway:
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
         status = 200
-        async for index, msg in self._results(the_plan):
+        async for index, msg in results:
             if isinstance(msg, Error):
                 status = msg.status
                 err = APIError(msg.status, msg.message, msg.param)

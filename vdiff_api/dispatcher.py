@@ -96,7 +96,10 @@ class Dispatcher:
             if model in self.seen_models:
                 raise NoWorker(503, f"no worker serving model '{model}' is available")
             raise NoWorker(404, f"The model '{model}' does not exist.")
-        return min(live, key=Worker.score)
+        free = [w for w in live if len(w.inflight) < w.capacity]
+        if not free:
+            raise NoWorker(429, f"every worker serving '{model}' is at capacity; retry later")
+        return min(free, key=Worker.score)
 
     async def submit(self, msg: Generate) -> AsyncIterator[Result]:
         """Send a job; yield its chunks until every choice is Done or an Error arrives."""

@@ -19,6 +19,8 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.headers = headers or {}
+        if status in (429, 503):
+            self.headers.setdefault("Retry-After", "1")
 
     def body(self) -> dict[str, object]:
         return {"error": {"message": self.message,

@@ -33,21 +33,23 @@ class _Replace(argparse.Action):
 
 def add(parser: argparse.ArgumentParser | Any, flag: str, *, default: Any = None,
         type: Any = str, help: str = "", choices: list[str] | None = None,
-        repeat: bool = False) -> None:
+        repeat: bool = False, aliases: tuple[str, ...] = ()) -> None:
     """Add `flag` whose default comes from its environment twin when that is set."""
     env = os.environ.get(env_name(flag))
     help_text = f"{help} [env {env_name(flag)}]"
     if type is bool:
         value = _parse_bool(env) if env is not None else default
-        parser.add_argument(flag, default=value, action=argparse.BooleanOptionalAction,
+        parser.add_argument(flag, *aliases, default=value, action=argparse.BooleanOptionalAction,
                             help=help_text)
         return
     if repeat:
         value = [type(v) for v in env.split(",") if v] if env is not None else default
-        parser.add_argument(flag, default=value, type=type, action=_Replace, help=help_text)
+        parser.add_argument(flag, *aliases, default=value, type=type, action=_Replace,
+                            help=help_text)
         return
     value = type(env) if env is not None else default
-    parser.add_argument(flag, default=value, type=type, help=help_text, choices=choices)
+    parser.add_argument(flag, *aliases, default=value, type=type, help=help_text,
+                        choices=choices)
 
 
 def flags_of(parser: argparse.ArgumentParser) -> set[str]:

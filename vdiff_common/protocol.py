@@ -13,6 +13,10 @@ class Load(msgspec.Struct, frozen=True):
     running: int = 0
     waiting: int = 0
     free_slots: int = 0
+    steps_per_s: float = 0.0
+    tokens_per_forward: float = 0.0
+    batch_mean: float = 0.0
+    batch_max: int = 0
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

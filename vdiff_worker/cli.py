@@ -40,8 +40,10 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                help="default generation canvas when a request sets no max_tokens")
     config.add(g, "--decoding", default="reference",
                choices=["reference", "threshold", "factor", "apd"], help="default strategy")
-    config.add(g, "--max-num-seqs", default=16, type=int,
+    config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
                help="sequences decoded together per step")
+    config.add(g, "--max-queue-size", default=256, type=int,
+               help="sequences waiting for a slot; beyond it requests get 429")
     config.add(g, "--request-timeout", default=None, type=float,
                help="seconds before a request is ended with an error")
     config.add(g, "--num-threads", default=None, type=int,
@@ -95,7 +97,8 @@ async def serve(args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     service: WorkerService
     engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m),
-                    max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout)
+                    max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
+                    max_queue_size=args.max_queue_size)
     service = WorkerService(engine, list(args.gateway), worker_id,
                             ModelInfo(name=name, max_model_len=loaded.max_model_len,
                                       kind=loaded.kind),

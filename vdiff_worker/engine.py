@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -18,6 +19,7 @@ from vdiff_worker.decoding.base import Context, Forward, ParamError, Settings
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.loader import LoadedModel
 from vdiff_worker.sequence import Sequence
+from vdiff_worker.stats import StepStats
 
 Emit = Callable[[int, Message], None]
 
@@ -41,7 +43,7 @@ class Defaults:
 class Engine:
     def __init__(self, loaded: LoadedModel, defaults: Defaults, emit: Emit,
                  max_num_seqs: int = 16, request_timeout: float | None = None,
-                 verifier: torch.nn.Module | None = None) -> None:
+                 verifier: torch.nn.Module | None = None, max_queue_size: int = 256) -> None:
         self.loaded = loaded
         self.models = {"main": loaded.model}
         if verifier is not None:
@@ -49,7 +51,12 @@ class Engine:
         self.defaults = defaults
         self.emit = emit
         self.max_num_seqs = max_num_seqs
+        self.max_queue_size = max_queue_size
         self.request_timeout = request_timeout
+        self.stats = StepStats()
+        # Fault-injection hook for tests of the memory guard: a model call over this many
+        # tokens (rows x length) raises OutOfMemoryError as a real device would.
+        self._oom_tokens = int(os.environ.get("VDIFF_FAULT_OOM_TOKENS", "0"))
         self.inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -75,8 +82,12 @@ class Engine:
 
     def load(self) -> Load:
         running, waiting = len(self.running), len(self.waiting)
+        st = self.stats
         return Load(running=running, waiting=waiting,
-                    free_slots=max(0, self.max_num_seqs - running - waiting))
+                    free_slots=max(0, self.max_num_seqs - running - waiting),
+                    steps_per_s=round(st.steps_per_s(), 3),
+                    tokens_per_forward=round(st.tokens_per_forward(), 3),
+                    batch_mean=round(st.batch_mean(), 3), batch_max=st.batch_max())
 
     @property
     def idle(self) -> bool:
@@ -115,6 +126,9 @@ class Engine:
     def _admit(self, job: Generate, reply_to: int) -> None:
         if not self.accepting:
             self.emit(reply_to, Error(job.request_id, 503, "worker is shutting down"))
+            return
+        if len(self.waiting) + job.n > self.max_queue_size:
+            self.emit(reply_to, Error(job.request_id, 429, "worker queue is full; retry later"))
             return
         try:
             seqs = self._sequences(job, reply_to)
@@ -194,10 +208,14 @@ class Engine:
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> None:
         active = [s for s in self.running if s.pending is not None]
-        outputs = self._forward([s.pending for s in active])  # type: ignore[misc]
+        calls = [s.pending for s in active if s.pending is not None]
+        before = sum(s.committed() for s in active)
+        outputs = self._forward(calls)
+        rows = sum(int(f.input_ids.shape[0]) for f in calls)
         for seq, out in zip(active, outputs):
             seq.advance(out)
         self.steps += 1
+        self.stats.record(rows, sum(s.committed() for s in active) - before)
         for seq in list(self.running):
             chunk = seq.collect()
             if chunk is not None:
@@ -216,8 +234,14 @@ class Engine:
                 continue
             try:
                 seq.advance(self._forward([seq.pending])[0])
+            except torch.OutOfMemoryError:
+                logger.error("request {} does not fit in memory even alone", seq.request_id)
+                self._drop(seq.request_id)
+                self.emit(seq.reply_to, Error(
+                    seq.request_id, 503, "out of memory: this request does not fit on the "
+                    "worker even alone; use a shorter prompt or a smaller max_tokens"))
             except Exception as alone:  # noqa: BLE001
-                logger.error("request {} failed: {}", seq.request_id, alone)
+                logger.exception("request {} failed", seq.request_id)
                 self._drop(seq.request_id)
                 self.emit(seq.reply_to, Error(seq.request_id, 500,
                                               f"generation failed: {type(alone).__name__}"))
@@ -234,13 +258,29 @@ class Engine:
                 results[i] = out
         return results  # type: ignore[return-value]
 
+    def _guard(self, rows: int, length: int) -> None:
+        if self._oom_tokens and rows * length > self._oom_tokens:
+            raise torch.OutOfMemoryError(f"injected: {rows}x{length} tokens")
+
     def _call(self, f: Forward) -> ModelOutput:
+        self._guard(*f.input_ids.shape)
         return self.models[f.model](f.input_ids, position_ids=f.position_ids, key_mask=f.key_mask,
                      kv_before=f.kv_before, kv_after=f.kv_after, return_kv=f.return_kv)
 
     def _batched(self, calls: list[Forward]) -> list[ModelOutput]:
+        """One padded pass; on out-of-memory, split the batch in halves and retry each."""
         if len(calls) == 1:
             return [self._call(calls[0])]
+        try:
+            return self._padded(calls)
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            mid = len(calls) // 2
+            logger.warning("out of memory on a batch of {}; splitting", len(calls))
+            return self._batched(calls[:mid]) + self._batched(calls[mid:])
+
+    def _padded(self, calls: list[Forward]) -> list[ModelOutput]:
         width = max(int(f.input_ids.shape[1]) for f in calls)
         ids, pos, keys = [], [], []
         for f in calls:
@@ -251,6 +291,7 @@ class Engine:
             mask = f.key_mask if f.key_mask is not None else torch.ones(
                 rows, length, dtype=torch.bool, device=f.input_ids.device)
             keys.append(torch.nn.functional.pad(mask, (0, pad), value=False))
+        self._guard(sum(int(f.input_ids.shape[0]) for f in calls), width)
         out = self.loaded.model(torch.cat(ids), position_ids=torch.cat(pos),
                                 key_mask=torch.cat(keys))
         results, row = [], 0

@@ -45,6 +45,9 @@ class Sequence:
         final = self.finish_reason is not None and (self.early_stop or not self.stopped_by_token)
         return self.pending is None or final
 
+    def committed(self) -> int:
+        return int((self.ctx.canvas != self.ctx.mask_id).sum())
+
     def advance(self, out: ModelOutput) -> None:
         assert self.pending is not None
         self.forward_passes += int(self.pending.input_ids.shape[0])

@@ -112,7 +112,8 @@ class WorkerService:
 
     def _register(self, link: Link) -> None:
         self._send(link, Register(version=protocol.PROTOCOL_VERSION, worker_id=self.worker_id,
-                                  models=[self.model], capacity=self.engine.max_num_seqs,
+                                  models=[self.model],
+                                  capacity=self.engine.max_num_seqs + self.engine.max_queue_size,
                                   load=self.engine.load()))
 
     # ---- loops ---------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Step-level batching through the real server: isolation, abort, backpressure, memory guard."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import GOLDEN, Server, start_allinone
+
+CASES = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"]
+PROMPTS = [c["prompt_ids"] for c in CASES if "prompt_ids" in c][:8]
+
+
+def _start(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+    return start_allinone(tmp, "--model", str(GOLDEN / "llada-tiny"), "--heartbeat-interval",
+                          "0.2", *flags, env=env)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = _start(tmp_path_factory.mktemp("engine"), "--max-num-seqs", "8")
+    yield s
+    for p in s.procs:
+        p.stop()
+
+
+def _complete(s: Server, prompt: list[int], **extra: object) -> httpx.Response:
+    body = {"model": "llada-tiny", "prompt": prompt, "max_tokens": 32, "block_length": 8,
+            "return_token_ids": True, **extra}
+    return httpx.post(s.url + "/completions", json=body, timeout=120)
+
+
+def _tokens(r: httpx.Response) -> list[int]:
+    assert r.status_code == 200, r.text
+    return list(r.json()["choices"][0]["token_ids"])
+
+
+def _stats(s: Server) -> dict:
+    return httpx.get(s.url + "/engine/stats").json()["workers"][0]
+
+
+def test_concurrent_requests_give_the_tokens_they_give_alone(server: Server) -> None:
+    alone = [_tokens(_complete(server, p)) for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: _tokens(_complete(server, p)), PROMPTS))
+    assert together == alone
+    stats = _stats(server)
+    assert stats["batch_size"]["max"] > 1  # they really shared forward passes
+
+
+def test_seeded_sampling_is_independent_of_the_batch(server: Server) -> None:
+    extra = {"temperature": 0.8, "seed": 7}
+    alone = _tokens(_complete(server, PROMPTS[0], **extra))
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(_complete, server, p, temperature=1.0) for p in PROMPTS[1:4]]
+        mine = _tokens(_complete(server, PROMPTS[0], **extra))
+        for f in others:
+            f.result()
+    assert mine == alone
+
+
+def test_aborted_stream_frees_its_slot(server: Server) -> None:
+    body = {"model": "llada-tiny", "prompt": PROMPTS[0], "max_tokens": 256,
+            "diffusion_steps": 256, "block_length": 8, "stream": True, "eos_early_stop": False}
+    with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
+        next(r.iter_lines())
+        assert _wait(lambda: _stats(server)["running"] == 1)
+    assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0)
+
+
+def _wait(cond: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_queue_overflow_gets_429_with_retry_after(tmp_path: Path) -> None:
+    s = _start(tmp_path, "--max-num-seqs", "1", "--max-queue-size", "1")
+    try:
+        long = {"max_tokens": 128, "diffusion_steps": 128, "eos_early_stop": False}
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda p: _complete(s, p, **long), PROMPTS[:6]))
+        codes = sorted(r.status_code for r in results)
+        assert 200 in codes and 429 in codes, codes
+        refused = next(r for r in results if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert _complete(s, PROMPTS[0]).status_code == 200  # nothing stuck afterwards
+    finally:
+        s.procs[0].stop()
+
+
+def test_out_of_memory_splits_the_batch_and_a_too_big_request_fails_alone(
+        tmp_path: Path, server: Server) -> None:
+    alone = [_tokens(_complete(server, p)) for p in PROMPTS[:4]]
+    # Any pass over more than 2 x 60 tokens "runs out of memory": batches of 4 must split.
+    s = _start(tmp_path, env={"VDIFF_FAULT_OOM_TOKENS": "120"})
+    try:
+        with ThreadPoolExecutor(5) as pool:
+            futures = [pool.submit(_complete, s, p) for p in PROMPTS[:4]]
+            too_big = pool.submit(_complete, s, PROMPTS[0] * 5)
+            got = [_tokens(f.result()) for f in futures]
+        assert got == alone
+        assert too_big.result().status_code == 503
+        assert "out of memory" in too_big.result().json()["error"]["message"]
+        assert _complete(s, PROMPTS[0]).status_code == 200  # the worker stayed up
+    finally:
+        s.procs[0].stop()
