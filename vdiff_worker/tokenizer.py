@@ -66,10 +66,6 @@ class Tokenizer:
         template = _read_template(chat_template) if chat_template else None
         return cls(backend, chat_template=template, extra_eos_ids=extra_eos_ids)
 
-    @property
-    def has_chat_template(self) -> bool:
-        return self._template is not None
-
     def encode(self, text: str) -> list[int]:
         """Ids of a raw prompt, with the special tokens the tokenizer adds (as vLLM)."""
         return list(self._hf(text, add_special_tokens=True)["input_ids"])

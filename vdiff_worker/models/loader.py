@@ -1,8 +1,9 @@
 """Checkpoint loading: pick the implementation from config.json, load weights, tokenizer.
 
-Native implementations (LLaDA, Dream) are built on the meta device and filled from
-memory-mapped safetensors; every failure a user can cause is a ``CheckpointError`` whose
-message names the file, weight or field at fault.
+LLaDA and Dream are native: built on the meta device and filled from memory-mapped
+safetensors. DiffusionGemma and any other causal LM (the autoregressive fallback) load
+through transformers; remote code is allowed for the fallback only, when asked. Every
+failure a user can cause is a ``CheckpointError`` naming the file, weight or field.
 
 ``dtype="auto"`` uses the checkpoint's ``torch_dtype``, except that half precision
 becomes float32 on CPU: CPU half matmuls are slow and the reference outputs are float32.
@@ -19,9 +20,13 @@ from typing import Any
 import torch
 from loguru import logger
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from vdiff_worker.models.ar import CausalLM
+from vdiff_worker.models.config import get_int
 from vdiff_worker.models.dream import DreamConfig, DreamModel
 from vdiff_worker.models.errors import CheckpointError
+from vdiff_worker.models.hf import load_pretrained
 from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
 from vdiff_worker.models.weights import load_weights
 from vdiff_worker.tokenizer import Tokenizer, TokenizerError
@@ -34,6 +39,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 _MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>")
+_FALLBACK_MAX_LEN = 2048
 
 
 @dataclass
@@ -50,31 +56,77 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
+class _Request:
+    root: Path
+    cfg: dict[str, Any]
+    dtype: torch.dtype
+    device: torch.device
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
 class _Built:
     model: nn.Module
     mask_token_id: int | None
     max_model_len: int
 
 
-def _build_llada(cfg: dict[str, Any]) -> _Built:
-    config = LLaDAConfig.from_dict(cfg)
-    return _Built(LLaDAModel(config), config.mask_token_id, config.max_sequence_length)
+def _native(model: nn.Module, req: _Request) -> nn.Module:
+    load_weights(model, req.root, req.dtype, req.device)
+    return model.eval()
 
 
-def _build_dream(cfg: dict[str, Any]) -> _Built:
-    config = DreamConfig.from_dict(cfg)
-    return _Built(DreamModel(config), config.mask_token_id, config.max_position_embeddings)
+def _build_llada(req: _Request) -> _Built:
+    config = LLaDAConfig.from_dict(req.cfg)
+    # Parameters start on the meta device and are replaced tensor by tensor.
+    with torch.device("meta"):
+        model = LLaDAModel(config)
+    return _Built(_native(model, req), config.mask_token_id, config.max_sequence_length)
 
 
-# kind -> (model_type values, architecture names, builder of a meta-device model)
-_NATIVE: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[dict[str, Any]], _Built]]] = {
+def _build_dream(req: _Request) -> _Built:
+    config = DreamConfig.from_dict(req.cfg)
+    with torch.device("meta"):
+        model = DreamModel(config)
+    return _Built(_native(model, req), config.mask_token_id, config.max_position_embeddings)
+
+
+def _build_diffusion_gemma(req: _Request) -> _Built:
+    text = req.cfg.get("text_config") or {}
+    model = load_pretrained("DiffusionGemmaForBlockDiffusion", req.root, req.dtype, req.device)
+    # Uniform-noise block diffusion: canvases start random, there is no mask token.
+    return _Built(model, None, get_int(text, "max_position_embeddings"))
+
+
+def _build_ar(req: _Request) -> _Built:
+    hf = load_pretrained(
+        "AutoModelForCausalLM", req.root, req.dtype, req.device, req.trust_remote_code
+    )
+    keys = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+    max_len = get_int(req.cfg, *keys, default=0)
+    if max_len == 0:
+        logger.warning(
+            "{}: config.json gives no context length; assuming {}", req.root, _FALLBACK_MAX_LEN
+        )
+        max_len = _FALLBACK_MAX_LEN
+    return _Built(CausalLM(hf).eval(), None, max_len)
+
+
+# kind -> (model_type values, architecture names, builder)
+_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[_Request], _Built]]] = {
     "llada": (("llada",), ("LLaDAModelLM",), _build_llada),
     "dream": (("dream",), ("DreamModel",), _build_dream),
+    "diffusion_gemma": (
+        ("diffusion_gemma",),
+        ("DiffusionGemmaForBlockDiffusion",),
+        _build_diffusion_gemma,
+    ),
 }
 
 
 def supported_architectures() -> list[str]:
-    return [arch for _, archs, _ in _NATIVE.values() for arch in archs]
+    names = [arch for _, archs, _ in _KINDS.values() for arch in archs]
+    return [*names, "any transformers causal LM (autoregressive fallback)"]
 
 
 def load_model(
@@ -88,21 +140,21 @@ def load_model(
 ) -> LoadedModel:
     root = Path(path)
     cfg = read_config(root)
-    kind = detect_kind(cfg)
+    kind = detect_kind(cfg, trust_remote_code)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, cfg, torch_device)
     logger.info("loading {} checkpoint {} as {} on {}", kind, root, torch_dtype, torch_device)
-    # Building a native model needs no memory: parameters start on the meta device
-    # and are replaced tensor by tensor from the checkpoint.
-    with torch.device("meta"):
-        built = _NATIVE[kind][2](cfg)
-    load_weights(built.model, root, torch_dtype, torch_device)
-    built.model.eval()
+    request = _Request(root, cfg, torch_dtype, torch_device, trust_remote_code)
+    built = _KINDS[kind][2](request) if kind in _KINDS else _build_ar(request)
     tokenizer = _load_tokenizer(
-        Path(tokenizer_path) if tokenizer_path else root, root, cfg, chat_template
+        Path(tokenizer_path) if tokenizer_path else root,
+        root,
+        cfg,
+        chat_template,
+        trust_remote_code=trust_remote_code and kind == "ar",
     )
     mask_token_id = built.mask_token_id
-    if mask_token_id is None:
+    if mask_token_id is None and kind in ("llada", "dream"):
         mask_token_id = next(
             (i for t in _MASK_TOKENS if (i := tokenizer.token_to_id(t)) is not None), None
         )
@@ -134,15 +186,25 @@ def read_config(root: Path) -> dict[str, Any]:
     return cfg
 
 
-def detect_kind(cfg: dict[str, Any]) -> str:
-    model_type = str(cfg.get("model_type", "")).lower()
+def detect_kind(cfg: dict[str, Any], trust_remote_code: bool = False) -> str:
+    """Which implementation serves this config: a key of ``_KINDS`` or "ar"."""
+    model_type = str(cfg.get("model_type", ""))
     archs = [str(a) for a in cfg.get("architectures") or []]
-    for kind, (types, names, _) in _NATIVE.items():
-        if model_type in types or any(a in names for a in archs):
+    for kind, (types, names, _) in _KINDS.items():
+        if model_type.lower() in types or any(a in names for a in archs):
             return kind
-    shown = ", ".join(archs) or f"model_type {model_type or 'unknown'}"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "ar"
+    remote = "AutoModelForCausalLM" in (cfg.get("auto_map") or {})
+    if remote and trust_remote_code:
+        return "ar"
+    shown = ", ".join(archs) or "none"
+    hint = (
+        "; it ships remote code: --trust-remote-code runs it through transformers" if remote else ""
+    )
     raise CheckpointError(
-        f"unsupported architecture {shown}; supported: {', '.join(supported_architectures())}"
+        f"unsupported architecture {shown} (model_type {model_type or 'missing'}){hint}. "
+        f"Supported: {', '.join(supported_architectures())}"
     )
 
 
@@ -161,7 +223,11 @@ def resolve_dtype(requested: str, cfg: dict[str, Any], device: torch.device) -> 
 
 
 def _load_tokenizer(
-    tok_root: Path, root: Path, cfg: dict[str, Any], chat_template: str | None
+    tok_root: Path,
+    root: Path,
+    cfg: dict[str, Any],
+    chat_template: str | None,
+    trust_remote_code: bool,
 ) -> Tokenizer:
     eos = _ids(cfg.get("eos_token_id"))
     generation = root / "generation_config.json"
@@ -169,7 +235,10 @@ def _load_tokenizer(
         eos |= _ids(json.loads(generation.read_text(encoding="utf-8")).get("eos_token_id"))
     try:
         return Tokenizer.from_pretrained(
-            str(tok_root), chat_template=chat_template, extra_eos_ids=eos
+            str(tok_root),
+            chat_template=chat_template,
+            extra_eos_ids=eos,
+            trust_remote_code=trust_remote_code,
         )
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from exc
