@@ -40,6 +40,11 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                help="default generation canvas when a request sets no max_tokens")
     config.add(g, "--decoding", default="reference",
                choices=["reference", "threshold", "factor", "apd"], help="default strategy")
+    config.add(g, "--apd-threshold", default=0.9, type=float,
+               help="default confidence threshold of decoding 'threshold' (Fast-dLLM)")
+    config.add(g, "--apd-max-parallel", default=None, type=int,
+               help="most tokens one forward pass may commit with decoding threshold, factor "
+                    "or apd (default: no cap)")
     config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
                help="sequences decoded together per step")
     config.add(g, "--max-queue-size", default=256, type=int,
@@ -75,6 +80,14 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_decoding_flags(args: argparse.Namespace) -> None:
+    """Refuse decoding flags that cannot work, before anything is loaded."""
+    if not 0.0 <= args.apd_threshold <= 1.0:
+        raise ValueError(f"--apd-threshold must be within [0, 1], not {args.apd_threshold}")
+    if args.apd_max_parallel is not None and args.apd_max_parallel < 1:
+        raise ValueError(f"--apd-max-parallel must be at least 1, not {args.apd_max_parallel}")
+
+
 async def serve(args: argparse.Namespace) -> int:
     import torch
 
@@ -85,6 +98,11 @@ async def serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
     try:
+        check_decoding_flags(args)
+    except ValueError as err:
+        logger.error("{}", err)
+        return 2
+    try:
         loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device),
                             tokenizer_path=args.tokenizer, chat_template=args.chat_template,
                             trust_remote_code=args.trust_remote_code)
@@ -93,7 +111,8 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     name = args.served_model_name or loaded.name
     defaults = Defaults(max_tokens=args.max_tokens, diffusion_steps=args.diffusion_steps,
-                        block_length=args.block_size, decoding=args.decoding)
+                        block_length=args.block_size, decoding=args.decoding,
+                        threshold=args.apd_threshold, max_parallel=args.apd_max_parallel)
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     service: WorkerService
     engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m),

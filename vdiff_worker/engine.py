@@ -35,9 +35,10 @@ class Defaults:
     remasking: str = "low_confidence"
     temperature: float = 0.0
     threshold: float = 0.9
+    factor: float = 1.0  # Fast-dLLM's default
     cache: str = "none"
     alg: str = "entropy"
-    max_parallel: int | None = None
+    max_parallel: int | None = None  # tokens committed per pass, for threshold/factor/apd
 
 
 class Engine:
@@ -146,9 +147,13 @@ class Engine:
             block_length=block,
             temperature=d.temperature if p.temperature is None else p.temperature,
             top_p=p.top_p, top_k=p.top_k, remasking=p.remasking or d.remasking,
-            threshold=p.threshold, factor=p.factor, cache=p.cache or d.cache,
+            threshold=d.threshold if p.threshold is None else p.threshold,
+            factor=d.factor if p.factor is None else p.factor, cache=p.cache or d.cache,
             cfg_scale=p.cfg_scale, alg=p.alg or d.alg, alg_temp=p.alg_temp,
-            max_parallel=d.max_parallel)
+            apd_mixture_weight=(Settings.apd_mixture_weight if p.apd_mixture_weight is None
+                                else p.apd_mixture_weight),
+            apd_kv_window=p.apd_kv_window, apd_max_lookahead=p.apd_max_lookahead,
+            max_parallel=d.max_parallel, models=frozenset(self.models))
         return s, p.decoding or d.decoding
 
     def _prompt_ids(self, job: Generate) -> list[int]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from vdiff_worker.decoding.base import ParamError, Strategy
+from vdiff_worker.decoding.fastdllm import Factor, Threshold
 from vdiff_worker.decoding.llada import LLaDAReference
 
-_ALL: list[type[Strategy]] = [LLaDAReference]
+_ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor]
 
 
 def strategy_for(kind: str, name: str) -> type[Strategy]:

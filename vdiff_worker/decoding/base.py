@@ -67,6 +67,7 @@ class Settings:
     apd_kv_window: int | None = None
     apd_max_lookahead: int | None = None
     max_parallel: int | None = None
+    models: frozenset[str] = frozenset({"main"})  # the roles Forward.model may name here
 
 
 @dataclass
@@ -111,6 +112,17 @@ def full_sequence(prompt: Tensor, canvas: Tensor) -> Forward:
     ids = torch.cat([prompt, canvas]).unsqueeze(0)
     pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
     return Forward(input_ids=ids, position_ids=pos)
+
+
+def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
+    """The noisy argmax of LLaDA, Fast-dLLM and APD: exp(l) / (-log u)^T in float64.
+
+    Plain argmax at T = 0."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    l64 = logits.to(torch.float64)
+    u = torch.rand(l64.shape, generator=gen, dtype=torch.float64, device=l64.device)
+    return (l64.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
 
 
 def blocks(gen_length: int, block_length: int) -> list[tuple[int, int]]:

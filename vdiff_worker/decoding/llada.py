@@ -1,10 +1,15 @@
-"""LLaDA's reference sampler: semi-autoregressive blocks, low-confidence or random remasking."""
+"""LLaDA's reference sampler: semi-autoregressive blocks, low-confidence or random remasking.
+
+With ``cache`` "prefix" or "dual" the same fixed schedule runs in Fast-dLLM's cached block
+loop (Fast-dLLM's ``threshold=None`` mode).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from vdiff_worker.decoding import fastdllm
 from vdiff_worker.decoding.base import (
     Forward,
     ParamError,
@@ -12,18 +17,10 @@ from vdiff_worker.decoding.base import (
     Steps,
     Strategy,
     blocks,
+    gumbel_argmax,
     steps_per_block,
     transfer_schedule,
 )
-
-
-def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
-    """LLaDA's noisy argmax: exp(l) / (-log u)^T in float64; plain argmax at T = 0."""
-    if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    l64 = logits.to(torch.float64)
-    u = torch.rand(l64.shape, generator=gen, dtype=torch.float64, device=l64.device)
-    return (l64.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
 
 
 def guided(fwd_logits: Tensor, cfg_scale: float) -> Tensor:
@@ -51,6 +48,10 @@ class LLaDAReference(Strategy):
 
     @classmethod
     def check(cls, s: Settings) -> None:
+        if s.cache != "none":
+            # With a cache this is Fast-dLLM's fixed-step loop, which has its own checks.
+            fastdllm.FixedSteps.check(s)
+            return
         if s.remasking not in ("low_confidence", "random"):
             raise ParamError("remasking", "remasking must be 'low_confidence' or 'random'")
         if s.top_p != 1.0 or s.top_k not in (-1, 0):
@@ -60,6 +61,9 @@ class LLaDAReference(Strategy):
 
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
+        if s.cache != "none":
+            yield from fastdllm.FixedSteps(ctx).run()
+            return
         P = ctx.prompt.numel()
         spans = blocks(s.gen_length, s.block_length)
         per_block = steps_per_block(s.steps, len(spans))

@@ -1,0 +1,96 @@
+"""Fast-dLLM's transfer rules, the per-pass cap and the refusals, without a server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vdiff_worker.decoding import strategy_for
+from vdiff_worker.decoding.base import Context, ParamError, Settings, Strategy
+from vdiff_worker.decoding.fastdllm import factor_rule, threshold_rule
+from vdiff_worker.models import LoadedModel, load_model
+from vdiff_worker.models.base import ModelOutput
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+INF = float("inf")
+
+
+def drive(strategy: Strategy, models: dict[str, torch.nn.Module],
+          on_pass: list[int] | None = None) -> int:
+    """Run a strategy to the end as the engine would, one call at a time; returns the rows
+    computed. `on_pass` collects the tokens committed after each call."""
+    canvas, mask = strategy.ctx.canvas, strategy.ctx.mask_id
+    steps, rows = strategy.run(), 0
+    call = next(steps, None)
+    with torch.no_grad():
+        while call is not None:
+            rows += int(call.input_ids.shape[0])
+            before = int((canvas != mask).sum())
+            out: ModelOutput = models[call.model](
+                call.input_ids, position_ids=call.position_ids, key_mask=call.key_mask,
+                kv_before=call.kv_before, kv_after=call.kv_after, return_kv=call.return_kv)
+            try:
+                call = steps.send(out)
+            except StopIteration:
+                call = None
+            if on_pass is not None:
+                on_pass.append(int((canvas != mask).sum()) - before)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def llada() -> LoadedModel:
+    return load_model(str(GOLDEN / "llada-tiny"))
+
+
+def conf(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def test_threshold_rule_takes_the_best_and_all_above() -> None:
+    rule = threshold_rule(0.9)
+    assert rule(conf(-INF, 0.5, 0.95, 0.9, 0.2), 0).tolist() == [2, 3]
+    assert rule(conf(0.1, 0.3, -INF), 0).tolist() == [1]  # none clears it: the best still goes
+
+
+def test_factor_rule_follows_the_reference_count() -> None:
+    rule = factor_rule(1.0)  # bars: -1, 1 - 1/3, 1 - 1/4, 1 - 1/5, ...
+    assert rule(conf(0.7, 0.5, 0.9, 0.1, -INF), 0).tolist() == [2, 0]
+    assert rule(conf(0.2, -INF), 0).tolist() == [0]
+    # The scan stopping at the last position takes them all, as the reference does.
+    assert sorted(rule(conf(0.95, 0.9, 0.1), 0).tolist()) == [0, 1, 2]
+
+
+def settings(**kw: object) -> Settings:
+    base: dict[str, object] = dict(gen_length=32, steps=32, block_length=8, temperature=0.0)
+    return Settings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_max_parallel_caps_tokens_per_pass(llada: LoadedModel, cache: str) -> None:
+    s = settings(threshold=0.0, cache=cache, max_parallel=2)  # the rule alone would take all
+    prompt = torch.tensor(llada.tokenizer.encode("What is 24 + 1?"))
+    ctx = Context(prompt=prompt, settings=s, mask_id=482, generator=torch.Generator())
+    per_pass: list[int] = []
+    rows = drive(strategy_for("llada", "threshold")(ctx), {"main": llada.model}, per_pass)
+    assert max(per_pass) == 2 and rows == 16
+    assert bool((ctx.canvas != 482).all())
+
+
+@pytest.mark.parametrize("decoding,field,kw", [
+    ("threshold", "cfg_scale", {"cfg_scale": 1.0}),
+    ("factor", "top_p", {"top_p": 0.5}),
+    ("reference", "cfg_scale", {"cache": "dual", "cfg_scale": 2.0}),
+    ("threshold", "cache", {"cache": "paged"}),
+])
+def test_refusals_name_the_field(decoding: str, field: str, kw: dict[str, object]) -> None:
+    with pytest.raises(ParamError) as err:
+        strategy_for("llada", decoding).check(settings(**kw))
+    assert err.value.param == field
+
+
+def test_llada_strategies_are_not_offered_for_dream() -> None:
+    with pytest.raises(ParamError, match="available"):
+        strategy_for("dream", "threshold")

@@ -1,0 +1,224 @@
+"""Fast-dLLM (NVlabs): confidence-aware parallel decoding and block-wise approximate KV caches.
+
+Inside each semi-autoregressive block, a transfer rule picks which masked positions to commit
+after each pass: a fixed schedule (LLaDA's), every position whose confidence clears a
+threshold, or the ``factor`` rule (the n-th most confident position needs confidence at least
+1 - factor / (n + 1)). Confidences are softmax probabilities taken in float64, as Fast-dLLM does.
+
+Caches (``cache``):
+
+- ``none``: every pass runs over prompt + canvas.
+- ``prefix``: the block's first pass runs over everything and keeps the keys/values before the
+  block; later passes run over the block and everything after it, attending to that prefix.
+- ``dual``: as ``prefix``, but also keeps the keys/values after the block, so later passes
+  run over the block alone.
+
+The reference's cache loops spend one more pass after a block is complete when its first pass
+completed it; that pass changes nothing, and is not made here.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from vdiff_worker.decoding.base import (
+    Forward,
+    ParamError,
+    Settings,
+    Steps,
+    Strategy,
+    blocks,
+    full_sequence,
+    gumbel_argmax,
+    steps_per_block,
+    transfer_schedule,
+)
+from vdiff_worker.models.base import KVCache
+
+CACHES = ("none", "prefix", "dual")
+
+# A transfer rule: (confidences over the reference's span, -inf where not eligible; step index
+# in the block) -> positions in that span to commit, most confident first.
+Rule = Callable[[Tensor, int], Tensor]
+
+
+def confidences(logits: Tensor, canvas: Tensor, eligible: Tensor, s: Settings,
+                gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Fast-dLLM's candidate tokens and their confidences (-inf where not eligible)."""
+    x0 = gumbel_argmax(logits, s.temperature, gen)
+    if s.remasking == "low_confidence":
+        probs = torch.softmax(logits.to(torch.float64), dim=-1)
+        conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        conf = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
+    x0 = torch.where(eligible, x0, canvas)
+    return x0, torch.where(eligible, conf, -torch.inf)
+
+
+def fixed_rule(schedule: list[int]) -> Rule:
+    """LLaDA's schedule: the k most confident positions at each step."""
+    return lambda conf, step: torch.topk(conf, schedule[step]).indices
+
+
+def threshold_rule(threshold: float) -> Rule:
+    """The most confident position, plus every other one at or above the threshold."""
+
+    def rule(conf: Tensor, step: int) -> Tensor:
+        n = int(torch.isfinite(conf).sum())
+        values, order = torch.topk(conf, n)
+        keep = values >= threshold
+        keep[0] = True
+        return order[keep]
+
+    return rule
+
+
+def factor_rule(factor: float) -> Rule:
+    """Commit the n most confident positions while the i-th of them (1-based) has confidence
+    at least 1 - factor / (i + 1); the first always goes."""
+
+    def rule(conf: Tensor, step: int) -> Tensor:
+        n = int(torch.isfinite(conf).sum())
+        ranked = torch.sort(conf[torch.isfinite(conf)], descending=True).values
+        bars = 1.0 - factor / (torch.arange(1, n + 1, dtype=torch.float64,
+                                            device=conf.device) + 1.0)
+        bars[0] = -1.0
+        below = (ranked < bars).nonzero()
+        k = int(below[0]) if below.numel() else n - 1
+        # The reference's count: when the scan stops at the last position (failing there or
+        # not) it takes them all.
+        if k == 0 or k == n - 1:
+            k += 1
+        return torch.topk(conf, k).indices
+
+    return rule
+
+
+def _keys(kv: KVCache, lo: int, hi: int | None = None) -> KVCache:
+    return [(k[:, :, lo:hi], v[:, :, lo:hi]) for k, v in kv]
+
+
+class BlockDecoder(Strategy, abc.ABC):
+    """Fast-dLLM's block loop over one of the three cache modes; subclasses give the rule."""
+
+    kinds = ("llada",)
+
+    @classmethod
+    def check(cls, s: Settings) -> None:
+        if s.cache not in CACHES:
+            raise ParamError("cache", f"cache must be one of {', '.join(CACHES)}")
+        if s.remasking not in ("low_confidence", "random"):
+            raise ParamError("remasking", "remasking must be 'low_confidence' or 'random'")
+        if s.cfg_scale > 0.0:
+            raise ParamError("cfg_scale", f"decoding '{cls.name}' has no classifier-free "
+                                          "guidance; use decoding 'reference' without a cache")
+        if s.top_p != 1.0 or s.top_k not in (-1, 0):
+            raise ParamError("top_p" if s.top_p != 1.0 else "top_k",
+                             "Fast-dLLM's samplers have no top_p/top_k")
+
+    @abc.abstractmethod
+    def rule(self, n_masked: int) -> Rule:
+        """The transfer rule for a block that starts with `n_masked` masks."""
+
+    def cap(self) -> int | None:
+        """At most this many tokens committed per pass (None: no cap)."""
+        return self.ctx.settings.max_parallel
+
+    def run(self) -> Steps:
+        ctx, s = self.ctx, self.ctx.settings
+        P = ctx.prompt.numel()
+        for start, end in blocks(s.gen_length, s.block_length):
+            n_masked = int((ctx.canvas[start:end] == ctx.mask_id).sum())
+            if n_masked == 0:
+                continue
+            rule = self.rule(n_masked)
+            if s.cache == "none":
+                step = 0
+                while self._masked(start, end):
+                    out = yield full_sequence(ctx.prompt, ctx.canvas)
+                    # The reference ranks over prompt + canvas; a prompt never competes.
+                    self._commit(out.logits[0, P:], 0, end, rule, step, pad=P)
+                    step += 1
+                continue
+            first = full_sequence(ctx.prompt, ctx.canvas)
+            first.return_kv = True
+            out = yield first
+            assert out.kv is not None
+            self._commit(out.logits[0, P:], 0, end, rule, 0, pad=P)
+            before = _keys(out.kv, 0, P + start)
+            after = _keys(out.kv, P + end) if s.cache == "dual" and end < s.gen_length else None
+            stop = end if s.cache == "dual" else s.gen_length
+            step = 1
+            while self._masked(start, end):
+                ids = ctx.canvas[start:stop].unsqueeze(0)
+                pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
+                out = yield Forward(input_ids=ids, position_ids=pos, kv_before=before,
+                                    kv_after=after)
+                self._commit(out.logits[0], start, end, rule, step)
+                step += 1
+
+    def _masked(self, start: int, end: int) -> bool:
+        return bool((self.ctx.canvas[start:end] == self.ctx.mask_id).any())
+
+    def _commit(self, logits: Tensor, offset: int, end: int, rule: Rule, step: int,
+                pad: int = 0) -> None:
+        """Commit the rule's choice among the masks before `end`; `logits` cover the canvas
+        from `offset`, and `pad` -inf slots stand for prompt positions in the reference's
+        ranking (so that ties break alike)."""
+        ctx = self.ctx
+        span = ctx.canvas[offset:offset + logits.shape[0]]
+        eligible = span == ctx.mask_id
+        eligible[end - offset:] = False
+        x0, conf = confidences(logits, span, eligible, ctx.settings, ctx.generator)
+        chosen = rule(torch.cat([conf.new_full((pad,), -torch.inf), conf]), step) - pad
+        cap = self.cap()
+        if cap is not None:
+            chosen = chosen[:cap]
+        span[chosen] = x0[chosen]
+
+
+class Threshold(BlockDecoder):
+    name = "threshold"
+
+    @classmethod
+    def check(cls, s: Settings) -> None:
+        super().check(s)
+        if s.threshold is None:
+            raise ParamError("threshold", "decoding 'threshold' needs a threshold")
+
+    def rule(self, n_masked: int) -> Rule:
+        assert self.ctx.settings.threshold is not None
+        return threshold_rule(self.ctx.settings.threshold)
+
+
+class Factor(BlockDecoder):
+    name = "factor"
+
+    @classmethod
+    def check(cls, s: Settings) -> None:
+        super().check(s)
+        if s.factor is None:
+            raise ParamError("factor", "decoding 'factor' needs a factor")
+
+    def rule(self, n_masked: int) -> Rule:
+        assert self.ctx.settings.factor is not None
+        return factor_rule(self.ctx.settings.factor)
+
+
+class FixedSteps(BlockDecoder):
+    """LLaDA's fixed schedule inside Fast-dLLM's cache loops (LLaDA reference with a cache)."""
+
+    name = "reference"
+
+    def rule(self, n_masked: int) -> Rule:
+        s = self.ctx.settings
+        per_block = steps_per_block(s.steps, len(blocks(s.gen_length, s.block_length)))
+        # A step that would commit nothing is not taken (the reference spends a pass on it).
+        return fixed_rule([k for k in transfer_schedule(n_masked, per_block) if k > 0])
+
+    def cap(self) -> int | None:
+        return None
