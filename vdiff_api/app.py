@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from loguru import logger
@@ -58,13 +59,51 @@ class _Usage:
 
 
 async def _chain(first: tuple[int, Result], rest: AsyncGenerator[tuple[int, Result], None],
-                 ) -> AsyncIterator[tuple[int, Result]]:
+                 ) -> AsyncGenerator[tuple[int, Result], None]:
     try:
         yield first
         async for item in rest:
             yield item
     finally:
         await rest.aclose()
+
+
+async def _until_disconnect(request: Request, body: AsyncGenerator[bytes, None],
+                            keepalive: float = 0.5) -> AsyncIterator[bytes]:
+    """Yield from `body`; stop it as soon as the client is gone.
+
+    A diffusion block can take a while, and an HTTP/1.1 server only notices a closed
+    connection when it writes; an SSE comment line during silence makes that write happen,
+    and the disconnect event (where the server delivers one) ends it at once.
+    """
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gone: asyncio.Future[Any] = asyncio.ensure_future(disconnect())
+    nxt: asyncio.Future[Any] | None = None
+    try:
+        while not gone.done():
+            pending: asyncio.Future[Any] = nxt or asyncio.ensure_future(anext(body))
+            nxt = pending
+            await asyncio.wait([pending, gone], timeout=keepalive,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not pending.done():
+                yield b": keep-alive\n\n"
+                continue
+            nxt = None
+            try:
+                chunk: bytes = pending.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        gone.cancel()
+        if nxt is not None and not nxt.done():
+            nxt.cancel()  # the body's own clean-up then runs in that task
+        else:
+            await body.aclose()
 
 
 _RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -119,7 +158,8 @@ class Gateway:
                     "inflight": len(w.inflight)} for w in self.dispatcher.workers.values()]
         ok = self.is_ready()
         return JSONResponse({"status": "ok" if ok else "unavailable", "ready": ok,
-                             "draining": self.draining, "workers": workers},
+                             "draining": self.draining, "active_requests": self.active,
+                             "workers": workers},
                             status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
@@ -172,7 +212,8 @@ class Gateway:
                             headers).response()
         if the_plan.stream:
             body = self._stream(the_plan, rid, chat, start, _chain(first, results))
-            return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+            return StreamingResponse(_until_disconnect(request, body),
+                                     media_type="text/event-stream", headers=headers)
         return await self._collect(the_plan, rid, start, chat, headers,
                                    _chain(first, results))
 
@@ -241,11 +282,12 @@ class Gateway:
                 if isinstance(item[1], Error):
                     return
         finally:
+            # Synchronous first: a cancelled caller may not get past the next await.
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.active -= 1
             metrics.ACTIVE.dec()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _account(self, the_plan: Plan, usage: _Usage, start: float, status: int) -> None:
         latency = time.perf_counter() - start
@@ -294,7 +336,8 @@ class Gateway:
         return JSONResponse(body, headers=headers)
 
     async def _stream(self, the_plan: Plan, rid: str, chat: bool, start: float,
-                      results: AsyncIterator[tuple[int, Result]]) -> AsyncIterator[bytes]:
+                      results: AsyncGenerator[tuple[int, Result], None],
+                      ) -> AsyncGenerator[bytes, None]:
         cid = ("chatcmpl-" if chat else "cmpl-") + rid
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -311,32 +354,35 @@ class Gateway:
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
         status = 200
-        async for index, msg in results:
-            if isinstance(msg, Error):
-                status = msg.status
-                err = APIError(msg.status, msg.message, msg.param)
-                yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
-                break
-            if first:
-                metrics.TTFC.labels(the_plan.model).observe(time.perf_counter() - start)
-                first = False
-            choice: dict[str, object] = {"index": index, "logprobs": None,
-                                         "finish_reason": None}
-            if isinstance(msg, Chunk):
-                if chat:
-                    choice["delta"] = {"content": msg.text}
+        try:
+            async for index, msg in results:
+                if isinstance(msg, Error):
+                    status = msg.status
+                    err = APIError(msg.status, msg.message, msg.param)
+                    yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+                    break
+                if first:
+                    metrics.TTFC.labels(the_plan.model).observe(time.perf_counter() - start)
+                    first = False
+                choice: dict[str, object] = {"index": index, "logprobs": None,
+                                             "finish_reason": None}
+                if isinstance(msg, Chunk):
+                    if chat:
+                        choice["delta"] = {"content": msg.text}
+                    else:
+                        choice["text"] = msg.text
+                    if the_plan.return_token_ids:
+                        choice["token_ids"] = msg.token_ids
                 else:
-                    choice["text"] = msg.text
-                if the_plan.return_token_ids:
-                    choice["token_ids"] = msg.token_ids
-            else:
-                usage.add(msg)
-                choice["finish_reason"] = msg.finish_reason
-                if chat:
-                    choice["delta"] = {}
-                else:
-                    choice["text"] = ""
-            yield event([choice])
+                    usage.add(msg)
+                    choice["finish_reason"] = msg.finish_reason
+                    if chat:
+                        choice["delta"] = {}
+                    else:
+                        choice["text"] = ""
+                yield event([choice])
+        finally:
+            await results.aclose()  # frees the job even when the client left
         if status == 200 and the_plan.include_usage:
             yield event([], usage=usage.as_dict())
         self._account(the_plan, usage, start, status)

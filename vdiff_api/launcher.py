@@ -53,9 +53,13 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser) -> int
     common = ["--gateway", args.zmq_bind, "--heartbeat-interval", str(args.heartbeat_interval),
               "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level,
               "--log-format", args.log_format]
-    procs = [subprocess.Popen([sys.executable, "-m", "vdiff_worker", *worker_argv(args, worker),
-                               *common, "--worker-id", f"local-{i}"])
-             for i in range(args.workers)]
+    procs = []
+    for i in range(args.workers):
+        own = ["--worker-id", f"local-{i}"]
+        if args.metrics_port is not None:
+            own += ["--metrics-port", str(args.metrics_port + i)]  # one port per local worker
+        procs.append(subprocess.Popen([sys.executable, "-m", "vdiff_worker",
+                                       *worker_argv(args, worker), *common, *own]))
     stop = asyncio.Event()
 
     async def watch() -> None:

@@ -51,6 +51,9 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                help="sequences waiting for a slot; beyond it requests get 429")
     config.add(g, "--request-timeout", default=None, type=float,
                help="seconds before a request is ended with an error")
+    config.add(g, "--metrics-port", default=None, type=int,
+               help="serve this worker's Prometheus /metrics on this port (off when unset)")
+    config.add(g, "--metrics-host", default="0.0.0.0", help="address for --metrics-port")
     config.add(g, "--num-threads", default=None, type=int,
                help="torch intra-op threads (default: cores / 2, at least 1)")
     if standalone:
@@ -92,6 +95,8 @@ async def serve(args: argparse.Namespace) -> int:
     import torch
 
     from vdiff_worker.engine import Defaults, Engine
+    from vdiff_worker.metrics import WorkerMetrics
+    from vdiff_worker.metrics import serve as serve_metrics
     from vdiff_worker.models.errors import CheckpointError
     from vdiff_worker.models.loader import load_model
     from vdiff_worker.service import WorkerService
@@ -114,8 +119,12 @@ async def serve(args: argparse.Namespace) -> int:
                         block_length=args.block_size, decoding=args.decoding,
                         threshold=args.apd_threshold, max_parallel=args.apd_max_parallel)
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    metrics = WorkerMetrics(name, worker_id)
+    metrics.memory()
+    if args.metrics_port is not None:
+        serve_metrics(args.metrics_port, args.metrics_host)
     service: WorkerService
-    engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m),
+    engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m), metrics=metrics,
                     max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
                     max_queue_size=args.max_queue_size)
     service = WorkerService(engine, list(args.gateway), worker_id,

@@ -16,6 +16,7 @@ from loguru import logger
 from vdiff_common.protocol import Error, Generate, Load, Message
 from vdiff_worker.decoding import strategy_for
 from vdiff_worker.decoding.base import Context, Forward, ParamError, Settings
+from vdiff_worker.metrics import WorkerMetrics
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.loader import LoadedModel
 from vdiff_worker.sequence import Sequence
@@ -44,7 +45,8 @@ class Defaults:
 class Engine:
     def __init__(self, loaded: LoadedModel, defaults: Defaults, emit: Emit,
                  max_num_seqs: int = 16, request_timeout: float | None = None,
-                 verifier: torch.nn.Module | None = None, max_queue_size: int = 256) -> None:
+                 verifier: torch.nn.Module | None = None, max_queue_size: int = 256,
+                 metrics: WorkerMetrics | None = None) -> None:
         self.loaded = loaded
         self.models = {"main": loaded.model}
         if verifier is not None:
@@ -55,6 +57,7 @@ class Engine:
         self.max_queue_size = max_queue_size
         self.request_timeout = request_timeout
         self.stats = StepStats()
+        self.metrics = metrics or WorkerMetrics(loaded.name, "local")
         # Fault-injection hook for tests of the memory guard: a model call over this many
         # tokens (rows x length) raises OutOfMemoryError as a real device would.
         self._oom_tokens = int(os.environ.get("VDIFF_FAULT_OOM_TOKENS", "0"))
@@ -214,13 +217,26 @@ class Engine:
     def step(self) -> None:
         active = [s for s in self.running if s.pending is not None]
         calls = [s.pending for s in active if s.pending is not None]
-        before = sum(s.committed() for s in active)
+        before = [s.committed() for s in active]
         outputs = self._forward(calls)
         rows = sum(int(f.input_ids.shape[0]) for f in calls)
         for seq, out in zip(active, outputs):
             seq.advance(out)
         self.steps += 1
-        self.stats.record(rows, sum(s.committed() for s in active) - before)
+        committed = 0
+        for seq, had, call in zip(active, before, calls):
+            now = seq.committed() - had
+            committed += now
+            self.metrics.per_forward.observe(now / int(call.input_ids.shape[0]))
+        self.stats.record(rows, committed)
+        m = self.metrics
+        m.forwards.inc(rows)
+        m.parallel.inc(committed)
+        m.batch.observe(rows)
+        m.active.set(len(self.running))
+        m.queue.set(len(self.waiting))
+        if self.steps % 50 == 0:
+            m.memory()
         for seq in list(self.running):
             chunk = seq.collect()
             if chunk is not None:

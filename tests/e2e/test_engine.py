@@ -26,8 +26,9 @@ def _start(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     s = _start(tmp_path_factory.mktemp("engine"), "--max-num-seqs", "8")
     yield s
+    assert httpx.get(s.base + "/health").json()["active_requests"] == 0  # nothing leaked
     for p in s.procs:
-        p.stop()
+        assert p.stop() == 0
 
 
 def _complete(s: Server, prompt: list[int], **extra: object) -> httpx.Response:
@@ -43,6 +44,10 @@ def _tokens(r: httpx.Response) -> list[int]:
 
 def _stats(s: Server) -> dict:
     return httpx.get(s.url + "/engine/stats").json()["workers"][0]
+
+
+def _active(s: Server) -> int:
+    return int(httpx.get(s.base + "/health").json()["active_requests"])
 
 
 def test_concurrent_requests_give_the_tokens_they_give_alone(server: Server) -> None:
@@ -66,12 +71,15 @@ def test_seeded_sampling_is_independent_of_the_batch(server: Server) -> None:
 
 
 def test_aborted_stream_frees_its_slot(server: Server) -> None:
-    body = {"model": "llada-tiny", "prompt": PROMPTS[0], "max_tokens": 256,
-            "diffusion_steps": 256, "block_length": 8, "stream": True, "eos_early_stop": False}
+    # 480 steps take far longer than the wait below, so only the abort can free the slot.
+    body = {"model": "llada-tiny", "prompt": PROMPTS[0], "max_tokens": 480,
+            "diffusion_steps": 480, "block_length": 8, "stream": True, "eos_early_stop": False}
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
         assert _wait(lambda: _stats(server)["running"] == 1)
-    assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0)
+    assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0,
+                 timeout=2.0)
+    assert _active(server) == 0
 
 
 def _wait(cond: object, timeout: float = 5.0) -> bool:

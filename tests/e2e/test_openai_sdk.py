@@ -62,7 +62,7 @@ def test_completion_stream_raw_sse(llada_server: Server) -> None:
         assert r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-request-id"]
         raw = r.read().decode()
-    events = [e for e in raw.split("\n\n") if e]
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]  # keep-alives
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
     assert '"usage"' in events[-2]

@@ -22,8 +22,11 @@ def test_gateway_and_worker_started_separately(tmp_path: Path) -> None:
         assert httpx.get(base + "/health/ready").status_code == 503
         r = httpx.post(base + "/v1/completions", json={"model": "m", "prompt": "x"})
         assert r.status_code == 404
+        mport = free_port()
         worker = spawn("vdiff_worker", ["--model", str(GOLDEN / "llada-tiny"), "--gateway", zmq,
-                                        "--served-model-name", "tiny", "--num-threads", "1"],
+                                        "--served-model-name", "tiny", "--num-threads", "1",
+                                        "--metrics-port", str(mport),
+                                        "--metrics-host", "127.0.0.1"],
                        tmp_path / "worker.log", env={"VDIFF_BLOCK_SIZE": "8"})
         try:
             wait_ready(base, [gateway, worker])
@@ -33,6 +36,10 @@ def test_gateway_and_worker_started_separately(tmp_path: Path) -> None:
                 model="tiny", messages=[{"role": "user", "content": "What is 24 + 1?"}],
                 max_tokens=32)
             assert out.choices[0].message.content
+            text = httpx.get(f"http://127.0.0.1:{mport}/metrics").text
+            assert 'vdiff_forward_passes_total{model_name="tiny",worker_id=' in text
+            assert "vdiff_tokens_per_forward_bucket" in text
+            assert "vdiff_host_memory_peak_bytes" in text
         finally:
             assert worker.stop() == 0
     finally:

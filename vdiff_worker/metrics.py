@@ -1,0 +1,48 @@
+"""Worker Prometheus metrics, served on --metrics-port."""
+
+from __future__ import annotations
+
+import resource
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+_LABELS = ["model_name", "worker_id"]
+
+QUEUE = Gauge("vdiff_queue_size", "Sequences waiting for a slot", _LABELS)
+ACTIVE = Gauge("vdiff_active_requests", "Sequences being decoded", _LABELS)
+FORWARDS = Counter("vdiff_forward_passes", "Model forward passes (rows)", _LABELS)
+PARALLEL = Counter("vdiff_parallel_tokens_decoded", "Tokens committed by the samplers",
+                   _LABELS)
+TOKENS_PER_FORWARD = Histogram("vdiff_tokens_per_forward",
+                               "Tokens one sequence committed in one forward pass", _LABELS,
+                               buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+BATCH = Histogram("vdiff_batch_size", "Rows in one engine step", _LABELS,
+                  buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+GPU_MEMORY = Gauge("vdiff_gpu_memory_used_bytes", "Device memory in use", _LABELS)
+HOST_MEMORY = Gauge("vdiff_host_memory_peak_bytes", "Peak resident host memory", _LABELS)
+
+
+class WorkerMetrics:
+    """The metric children of one worker, so the hot path does no label lookups."""
+
+    def __init__(self, model: str, worker_id: str) -> None:
+        labels = (model, worker_id)
+        self.queue = QUEUE.labels(*labels)
+        self.active = ACTIVE.labels(*labels)
+        self.forwards = FORWARDS.labels(*labels)
+        self.parallel = PARALLEL.labels(*labels)
+        self.per_forward = TOKENS_PER_FORWARD.labels(*labels)
+        self.batch = BATCH.labels(*labels)
+        self.gpu_memory = GPU_MEMORY.labels(*labels)
+        self.host_memory = HOST_MEMORY.labels(*labels)
+
+    def memory(self) -> None:
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            self.gpu_memory.set(total - free)
+        self.host_memory.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def serve(port: int, host: str) -> None:
+    start_http_server(port, addr=host)
