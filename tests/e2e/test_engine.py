@@ -123,3 +123,15 @@ def test_out_of_memory_splits_the_batch_and_a_too_big_request_fails_alone(
         assert _complete(s, PROMPTS[0]).status_code == 200  # the worker stayed up
     finally:
         s.procs[0].stop()
+
+
+def test_request_timeout_ends_the_request_and_frees_the_slot(tmp_path: Path) -> None:
+    s = _start(tmp_path, "--request-timeout", "0.5")
+    try:
+        r = _complete(s, PROMPTS[0], max_tokens=480, diffusion_steps=480, eos_early_stop=False)
+        assert r.status_code == 408
+        assert "timed out" in r.json()["error"]["message"]
+        assert _wait(lambda: _stats(s)["running"] == 0)
+        assert _complete(s, PROMPTS[0]).status_code == 200
+    finally:
+        assert s.procs[0].stop() == 0
