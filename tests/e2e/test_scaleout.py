@@ -1,0 +1,210 @@
+"""N gateways x M workers on loopback: pools, failures, restarts, rolling drains."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import GOLDEN, Proc, free_port, spawn, wait_ready
+
+HB = "0.2"  # heartbeat interval: a dead peer is noticed after 0.6 s
+PROMPT = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"][0][
+    "prompt_ids"]
+
+
+@dataclass
+class Cluster:
+    tmp: Path
+    gateways: dict[str, tuple[str, str, Proc]] = field(default_factory=dict)  # name: base, zmq
+    workers: dict[str, Proc] = field(default_factory=dict)
+
+    def gateway(self, name: str, port: int | None = None, zport: int | None = None) -> str:
+        port, zport = port or free_port(), zport or free_port()
+        zmq = f"tcp://127.0.0.1:{zport}"
+        proc = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind", zmq,
+                                       "--heartbeat-interval", HB],
+                     self.tmp / f"gw-{name}-{time.monotonic_ns()}.log")
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, [proc], path="/health/live")
+        self.gateways[name] = (base, zmq, proc)
+        return base
+
+    def worker(self, name: str, model: str = "llada-tiny", *gateways: str) -> Proc:
+        flags = ["--model", str(GOLDEN / model), "--worker-id", name, "--num-threads", "1",
+                 "--heartbeat-interval", HB]
+        for g in gateways or list(self.gateways):
+            flags += ["--gateway", self.gateways[g][1]]
+        proc = spawn("vdiff_worker", flags, self.tmp / f"w-{name}-{time.monotonic_ns()}.log")
+        self.workers[name] = proc
+        return proc
+
+    def close(self) -> None:
+        for p in [*self.workers.values(), *(g[2] for g in self.gateways.values())]:
+            p.stop(signal.SIGKILL, timeout=5)
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def _workers(base: str) -> dict[str, dict]:
+    return {w["id"]: w for w in httpx.get(base + "/health").json()["workers"]}
+
+
+def _until(cond: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():  # type: ignore[operator]
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _complete(base: str, model: str = "llada-tiny", **extra: object) -> httpx.Response:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 32, **extra}
+    return httpx.post(base + "/v1/completions", json=body, timeout=60)
+
+
+def test_killed_worker_mid_stream_then_restarted(cluster: Cluster) -> None:
+    base = cluster.gateway("g")
+    cluster.worker("w1")
+    cluster.worker("w2")
+    _until(lambda: len(_workers(base)) == 2)
+    long = {"max_tokens": 192, "diffusion_steps": 192, "block_length": 8,
+            "eos_early_stop": False, "stream": True}
+    outcomes: list[str] = []
+    started = threading.Semaphore(0)
+
+    def stream() -> None:
+        events = []
+        with httpx.stream("POST", base + "/v1/completions", timeout=60,
+                          json={"model": "llada-tiny", "prompt": PROMPT, **long}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line)
+                    if len(events) == 1:
+                        started.release()
+        assert events[-1] == "data: [DONE]"
+        outcomes.append("error" if '"error"' in events[-2] else "done")
+
+    threads = [threading.Thread(target=stream) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for _ in threads:
+        assert started.acquire(timeout=30)  # every stream has output: none may be retried
+    assert all(w["inflight"] == 2 for w in _workers(base).values())
+    cluster.workers["w1"].stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    _until(lambda: set(_workers(base)) == {"w2"}, timeout=3.0)
+    # A new request reaches the survivor: its first block streams back within 3 s.
+    with httpx.stream("POST", base + "/v1/completions", timeout=60, json={
+            "model": "llada-tiny", "prompt": PROMPT, "max_tokens": 32, "block_length": 8,
+            "stream": True}) as r:
+        first = next(e for e in r.iter_lines() if e.startswith("data: "))
+        assert '"text"' in first and time.monotonic() - killed_at < 3.0
+    for t in threads:
+        t.join(timeout=60)
+    assert sorted(outcomes) == ["done", "done", "error", "error"], outcomes
+    cluster.worker("w1")
+    _until(lambda: set(_workers(base)) == {"w1", "w2"})
+    for _ in range(4):
+        assert _complete(base).status_code == 200
+
+
+def test_unstarted_job_of_a_dead_worker_is_retried_on_another(cluster: Cluster) -> None:
+    base = cluster.gateway("g")
+    cluster.worker("w1")
+    cluster.worker("w2")
+    _until(lambda: len(_workers(base)) == 2)
+    # A non-streaming request that produces no output before its worker dies is retried.
+    results: list[int] = []
+    body = {"max_tokens": 128, "diffusion_steps": 128, "block_length": 128,
+            "eos_early_stop": False}
+    threads = [threading.Thread(target=lambda: results.append(_complete(base, **body)
+                                                              .status_code)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    _until(lambda: all(w["inflight"] == 1 for w in _workers(base).values()))
+    cluster.workers["w1"].stop(signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [200, 200]
+
+
+def test_two_gateways_one_worker(cluster: Cluster) -> None:
+    a, b = cluster.gateway("a"), cluster.gateway("b")
+    cluster.worker("w")
+    _until(lambda: _workers(a) and _workers(b))
+    assert _complete(a).status_code == 200
+    assert _complete(b).status_code == 200
+
+
+def test_restarted_gateway_is_rejoined_without_worker_restart(cluster: Cluster) -> None:
+    port, zport = free_port(), free_port()
+    base = cluster.gateway("g", port, zport)
+    cluster.worker("w")
+    _until(lambda: _workers(base))
+    cluster.gateways["g"][2].stop(signal.SIGKILL)
+    cluster.gateway("g", port, zport)
+    _until(lambda: _workers(base), timeout=10)
+    assert _complete(base).status_code == 200
+
+
+def test_model_pools_behind_one_gateway(cluster: Cluster) -> None:
+    base = cluster.gateway("g")
+    cluster.worker("llada", "llada-tiny")
+    cluster.worker("ar", "ar-tiny")
+    _until(lambda: len(_workers(base)) == 2)
+    models = {m["id"] for m in httpx.get(base + "/v1/models").json()["data"]}
+    assert models == {"llada-tiny", "ar-tiny"}
+    assert _complete(base, "llada-tiny").status_code == 200
+    r = httpx.post(base + "/v1/completions", timeout=60,
+                   json={"model": "ar-tiny", "prompt": "What is 2 + 3?", "max_tokens": 8})
+    assert r.status_code == 200
+    stats = {w["id"]: w for w in httpx.get(base + "/v1/engine/stats").json()["workers"]}
+    assert stats["llada"]["models"] == ["llada-tiny"] and stats["ar"]["models"] == ["ar-tiny"]
+    cluster.workers["ar"].stop(signal.SIGKILL)
+    _until(lambda: set(_workers(base)) == {"llada"})
+    assert _complete(base, "ar-tiny").status_code == 503  # seen before, now gone
+    assert _complete(base, "never-served").status_code == 404
+
+
+def test_rolling_sigterm_loses_no_request(cluster: Cluster) -> None:
+    base = cluster.gateway("g")
+    cluster.worker("w1")
+    cluster.worker("w2")
+    _until(lambda: len(_workers(base)) == 2)
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            codes.append(_complete(base).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert cluster.workers["w1"].stop(signal.SIGTERM) == 0
+    cluster.worker("w1")
+    _until(lambda: len(_workers(base)) == 2)
+    assert cluster.workers["w2"].stop(signal.SIGTERM) == 0
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(timeout=60)
+    assert codes and set(codes) == {200}, codes
