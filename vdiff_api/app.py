@@ -5,15 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -23,6 +20,7 @@ from starlette.routing import Route
 from vdiff_api import __version__, metrics
 from vdiff_api.dispatcher import Dispatcher, NoWorker, Result
 from vdiff_api.errors import APIError, from_validation
+from vdiff_api.frontdoor import Access, FrontDoor, Policy, access_of
 from vdiff_api.requests import Plan, plan
 from vdiff_api.schemas import ChatCompletionRequest, CompletionRequest
 from vdiff_common.protocol import Chunk, Done, Error, ModelInfo
@@ -106,16 +104,15 @@ async def _until_disconnect(request: Request, body: AsyncGenerator[bytes, None],
             await body.aclose()
 
 
-_RID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
 class Gateway:
-    def __init__(self, dispatcher: Dispatcher, settings: Settings) -> None:
+    def __init__(self, dispatcher: Dispatcher, settings: Settings,
+                 policy: Policy | None = None) -> None:
         self.dispatcher = dispatcher
         self.settings = settings
+        self.policy = policy or Policy()
         self.draining = False
         self.active = 0
-        self.app = Starlette(
+        self.starlette = Starlette(
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -129,6 +126,7 @@ class Gateway:
             ],
             lifespan=self._lifespan,
         )
+        self.app = FrontDoor(self.starlette, self.policy)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -192,30 +190,26 @@ class Gateway:
         return await self._generate(request, ChatCompletionRequest, chat=True)
 
     async def _generate(self, request: Request, schema: type, chat: bool) -> Response:
-        rid = request.headers.get("x-request-id", "")
-        if not _RID.match(rid):
-            rid = uuid.uuid4().hex
-        headers = {"x-request-id": rid}
+        access = access_of(request)
+        rid = access.request_id
         try:
             the_plan = await self._plan(request, schema, rid)
         except APIError as err:
-            err.headers.update(headers)
             metrics.FAILURE.labels("", str(err.status)).inc()
             return err.response()
+        access.model = the_plan.model
         start = time.perf_counter()
-        results = self._results(the_plan)
+        results = self._results(the_plan, access)
         first = await anext(results)
         if isinstance(first[1], Error):
             await results.aclose()
-            self._account(the_plan, _Usage(), start, first[1].status)
-            return APIError(first[1].status, first[1].message, first[1].param,
-                            headers).response()
+            self._account(access, the_plan, _Usage(), start, first[1].status)
+            return APIError(first[1].status, first[1].message, first[1].param).response()
         if the_plan.stream:
-            body = self._stream(the_plan, rid, chat, start, _chain(first, results))
+            body = self._stream(access, the_plan, chat, start, _chain(first, results))
             return StreamingResponse(_until_disconnect(request, body),
-                                     media_type="text/event-stream", headers=headers)
-        return await self._collect(the_plan, rid, start, chat, headers,
-                                   _chain(first, results))
+                                     media_type="text/event-stream")
+        return await self._collect(access, the_plan, start, chat, _chain(first, results))
 
     async def _plan(self, request: Request, schema: type, rid: str) -> Plan:
         if self.draining:
@@ -254,13 +248,14 @@ class Gateway:
             raise APIError(503, f"no worker serving model '{name}' is available", param="model")
         raise APIError(404, f"The model '{name}' does not exist.", param="model")
 
-    async def _results(self, the_plan: Plan) -> AsyncGenerator[tuple[int, Result], None]:
+    async def _results(self, the_plan: Plan, access: Access,
+                       ) -> AsyncGenerator[tuple[int, Result], None]:
         """Merge the result streams of all jobs; yields (global choice index, message)."""
         queue: asyncio.Queue[tuple[int, Result] | None] = asyncio.Queue()
 
         async def pump(k: int) -> None:
             try:
-                async for msg in self.dispatcher.submit(the_plan.jobs[k]):
+                async for msg in self.dispatcher.submit(the_plan.jobs[k], access.workers.add):
                     index = k * the_plan.n + (0 if isinstance(msg, Error) else msg.index)
                     await queue.put((index, msg))
             except NoWorker as err:
@@ -289,7 +284,8 @@ class Gateway:
             metrics.ACTIVE.dec()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _account(self, the_plan: Plan, usage: _Usage, start: float, status: int) -> None:
+    def _account(self, access: Access, the_plan: Plan, usage: _Usage, start: float,
+                 status: int) -> None:
         latency = time.perf_counter() - start
         if status == 200:
             metrics.SUCCESS.labels(the_plan.model).inc()
@@ -298,26 +294,25 @@ class Gateway:
         metrics.LATENCY.labels(the_plan.model).observe(latency)
         metrics.PROMPT_TOKENS.labels(the_plan.model).inc(sum(usage.prompt.values()))
         metrics.GENERATION_TOKENS.labels(the_plan.model).inc(usage.completion)
-        logger.info("request {} model={} status={} latency={:.3f}s prompt={} completion={}",
-                    the_plan.jobs[0].request_id, the_plan.model, status, latency,
-                    sum(usage.prompt.values()), usage.completion)
+        access.status = status
+        access.prompt_tokens = sum(usage.prompt.values())
+        access.completion_tokens = usage.completion
 
-    async def _collect(self, the_plan: Plan, rid: str, start: float, chat: bool,
-                       headers: dict[str, str],
+    async def _collect(self, access: Access, the_plan: Plan, start: float, chat: bool,
                        results: AsyncIterator[tuple[int, Result]]) -> Response:
         choices = [_Choice() for _ in range(len(the_plan.jobs) * the_plan.n)]
         usage = _Usage()
         async for index, msg in results:
             if isinstance(msg, Error):
-                self._account(the_plan, usage, start, msg.status)
-                return APIError(msg.status, msg.message, msg.param, headers).response()
+                self._account(access, the_plan, usage, start, msg.status)
+                return APIError(msg.status, msg.message, msg.param).response()
             if isinstance(msg, Chunk):
                 choices[index].text += msg.text
                 choices[index].token_ids += msg.token_ids
             else:
                 choices[index].finish_reason = msg.finish_reason
                 usage.add(msg)
-        self._account(the_plan, usage, start, 200)
+        self._account(access, the_plan, usage, start, 200)
         out = []
         for i, c in enumerate(choices):
             item: dict[str, object] = {"index": i, "finish_reason": c.finish_reason,
@@ -329,16 +324,16 @@ class Gateway:
             if the_plan.return_token_ids:
                 item["token_ids"] = c.token_ids
             out.append(item)
-        body = {"id": ("chatcmpl-" if chat else "cmpl-") + rid,
+        body = {"id": ("chatcmpl-" if chat else "cmpl-") + access.request_id,
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": the_plan.model, "choices": out,
                 "usage": usage.as_dict()}
-        return JSONResponse(body, headers=headers)
+        return JSONResponse(body)
 
-    async def _stream(self, the_plan: Plan, rid: str, chat: bool, start: float,
+    async def _stream(self, access: Access, the_plan: Plan, chat: bool, start: float,
                       results: AsyncGenerator[tuple[int, Result], None],
                       ) -> AsyncGenerator[bytes, None]:
-        cid = ("chatcmpl-" if chat else "cmpl-") + rid
+        cid = ("chatcmpl-" if chat else "cmpl-") + access.request_id
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
         usage = _Usage()
@@ -353,7 +348,7 @@ class Gateway:
             for i in range(len(the_plan.jobs) * the_plan.n):
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}])
-        status = 200
+        status, streamed, ended = 200, 0, False
         try:
             async for index, msg in results:
                 if isinstance(msg, Error):
@@ -367,6 +362,7 @@ class Gateway:
                 choice: dict[str, object] = {"index": index, "logprobs": None,
                                              "finish_reason": None}
                 if isinstance(msg, Chunk):
+                    streamed += len(msg.token_ids)
                     if chat:
                         choice["delta"] = {"content": msg.text}
                     else:
@@ -381,9 +377,13 @@ class Gateway:
                     else:
                         choice["text"] = ""
                 yield event([choice])
+            ended = True
         finally:
+            if not ended:  # the client left: 499, as nginx logs it
+                usage.completion = max(usage.completion, streamed)
+                self._account(access, the_plan, usage, start, 499)
             await results.aclose()  # frees the job even when the client left
         if status == 200 and the_plan.include_usage:
             yield event([], usage=usage.as_dict())
-        self._account(the_plan, usage, start, status)
+        self._account(access, the_plan, usage, start, status)
         yield b"data: [DONE]\n\n"

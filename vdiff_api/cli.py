@@ -14,6 +14,7 @@ from loguru import logger
 
 from vdiff_api.app import Gateway, Settings
 from vdiff_api.dispatcher import Dispatcher
+from vdiff_api.frontdoor import Policy
 from vdiff_common import config
 from vdiff_common.logging import setup_logging
 
@@ -34,6 +35,20 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
                help="model that must be served before /health/ready is 200 (repeatable)")
     config.add(g, "--log-level", default="info", help="log level")
     config.add(g, "--log-format", default="text", choices=["text", "json"], help="log format")
+    s = p.add_argument_group("gateway security and limits")
+    config.add(s, "--api-key", default=[], repeat=True,
+               help="accepted API key (repeatable; comma-separated in the environment): "
+                    "/v1/*, /tokenize and /detokenize then need 'Authorization: Bearer KEY'")
+    config.add(s, "--api-key-file", default=[], repeat=True,
+               help="file of accepted API keys, one per line ('#' starts a comment line)")
+    config.add(s, "--protect-metrics", default=False, type=bool,
+               help="/metrics needs an API key too")
+    config.add(s, "--rate-limit-requests", default=0, type=int,
+               help="requests per minute per API key (per client IP without keys); 0 = off")
+    config.add(s, "--rate-limit-tokens", default=0, type=int,
+               help="generated tokens per minute per API key (per client IP); 0 = off")
+    config.add(s, "--trusted-proxies", default=[], repeat=True,
+               help="CIDRs of proxies whose X-Forwarded-For names the client (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,10 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run_gateway(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+def policy_or_exit(args: argparse.Namespace) -> Policy:
+    """The gateway's security policy from its flags; a flag that cannot work exits 2."""
+    try:
+        return Policy.from_args(args)
+    except ValueError as err:
+        logger.error("{}", err)
+        sys.exit(2)
+
+
+async def run_gateway(args: argparse.Namespace, policy: Policy,
+                      stop: asyncio.Event | None = None) -> int:
     dispatcher = Dispatcher(args.zmq_bind, heartbeat_s=args.heartbeat_interval)
     gateway = Gateway(dispatcher, Settings(max_request_bytes=args.max_request_bytes,
-                                           expected_models=list(args.expect_model)))
+                                           expected_models=list(args.expect_model)), policy)
     hc = HyperConfig()
     hc.bind = [f"{args.host}:{args.port}"]
     hc.accesslog = None
@@ -63,7 +88,9 @@ async def run_gateway(args: argparse.Namespace, stop: asyncio.Event | None = Non
         while gateway.active and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    logger.info("vdiff gateway on http://{}:{}", args.host, args.port)
+    logger.info("vdiff gateway on http://{}:{} ({} API keys, rate limits {})", args.host,
+                args.port, len(policy.keys) or "no",
+                "on" if policy.limiter.enabled else "off")
     await serve(gateway.app, hc, shutdown_trigger=shutdown_trigger)  # type: ignore[arg-type]
     return 0
 
@@ -71,7 +98,8 @@ async def run_gateway(args: argparse.Namespace, stop: asyncio.Event | None = Non
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    sys.exit(asyncio.run(run_gateway(args)))
+    policy = policy_or_exit(args)
+    sys.exit(asyncio.run(run_gateway(args, policy)))
 
 
 if __name__ == "__main__":

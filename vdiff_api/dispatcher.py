@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -52,6 +52,7 @@ class Job:
     started: bool = False
     retried: bool = False
     open_choices: int = 1
+    on_placed: Callable[[str], None] | None = None  # told each worker id the job goes to
 
 
 class Dispatcher:
@@ -101,10 +102,11 @@ class Dispatcher:
             raise NoWorker(429, f"every worker serving '{model}' is at capacity; retry later")
         return min(free, key=Worker.score)
 
-    async def submit(self, msg: Generate) -> AsyncIterator[Result]:
+    async def submit(self, msg: Generate, on_placed: Callable[[str], None] | None = None,
+                     ) -> AsyncIterator[Result]:
         """Send a job; yield its chunks until every choice is Done or an Error arrives."""
         worker = self._pick(msg.model)
-        job = Job(msg=msg, queue=asyncio.Queue(), open_choices=msg.n)
+        job = Job(msg=msg, queue=asyncio.Queue(), open_choices=msg.n, on_placed=on_placed)
         self.jobs[msg.request_id] = job
         await self._send_job(job, worker)
         try:
@@ -123,6 +125,8 @@ class Dispatcher:
     async def _send_job(self, job: Job, worker: Worker) -> None:
         job.worker = worker.identity
         worker.inflight.add(job.msg.request_id)
+        if job.on_placed is not None:
+            job.on_placed(worker.worker_id)
         await self._send(worker.identity, job.msg)
 
     def _finish(self, request_id: str, abort: bool) -> None:

@@ -10,7 +10,8 @@ import sys
 
 from loguru import logger
 
-from vdiff_api.cli import add_gateway_args, run_gateway
+from vdiff_api.cli import add_gateway_args, policy_or_exit, run_gateway
+from vdiff_api.frontdoor import Policy
 from vdiff_common import config
 from vdiff_common.logging import setup_logging
 
@@ -49,7 +50,8 @@ def worker_argv(args: argparse.Namespace, worker: argparse.ArgumentParser) -> li
     return argv
 
 
-async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser) -> int:
+async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
+               policy: Policy) -> int:
     common = ["--gateway", args.zmq_bind, "--heartbeat-interval", str(args.heartbeat_interval),
               "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level,
               "--log-format", args.log_format]
@@ -71,7 +73,7 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser) -> int
 
     watcher = asyncio.create_task(watch())
     try:
-        code = await run_gateway(args, stop)
+        code = await run_gateway(args, policy, stop)
     finally:
         watcher.cancel()
         for p in procs:
@@ -90,4 +92,5 @@ def main(argv: list[str] | None = None) -> None:
     parser, worker = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    sys.exit(asyncio.run(_run(args, worker)))
+    policy = policy_or_exit(args)
+    sys.exit(asyncio.run(_run(args, worker, policy)))
