@@ -83,16 +83,21 @@ class Dispatcher:
         self._ctx.term()
 
     # ---- routing -------------------------------------------------------------------------
+    def routable(self, w: Worker) -> bool:
+        """Not draining, and heard from within 3 heartbeats (the heartbeat loop drops a
+        silent worker on its next tick; routing and readiness do not wait for that)."""
+        return not w.draining and time.monotonic() - w.last_seen <= 3 * self.heartbeat_s
+
     def models(self) -> dict[str, ModelInfo]:
         out: dict[str, ModelInfo] = {}
         for w in self.workers.values():
-            if not w.draining:
+            if self.routable(w):
                 out.update(w.models)
         return out
 
     def _pick(self, model: str, exclude: bytes | None = None) -> Worker:
         live = [w for w in self.workers.values()
-                if model in w.models and not w.draining and w.identity != exclude]
+                if model in w.models and self.routable(w) and w.identity != exclude]
         if not live:
             if model in self.seen_models:
                 raise NoWorker(503, f"no worker serving model '{model}' is available")
