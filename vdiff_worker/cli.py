@@ -10,12 +10,18 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
 from vdiff_common import config
 from vdiff_common.logging import setup_logging
 from vdiff_common.protocol import ModelInfo
+
+if TYPE_CHECKING:  # the gateway imports this module for its flags, without torch
+    from torch import nn
+
+    from vdiff_worker.models.loader import LoadedModel
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "tests" / "data" / "golden" /
                     "llada-tiny")
@@ -45,6 +51,15 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     config.add(g, "--apd-max-parallel", default=None, type=int,
                help="most tokens one forward pass may commit with decoding threshold, factor "
                     "or apd (default: no cap)")
+    config.add(g, "--enable-apd", default=False, type=bool,
+               help="offer decoding 'apd' (Dream drafts, --apd-verifier checks); make it the "
+                    "default with --decoding apd")
+    # The seed's spelling of --no-enable-apd. Not a second boolean: the all-in-one launcher
+    # re-emits each option from its value, so this one stays None unless given.
+    g.add_argument("--disable-apd", action="store_const", const=True, default=None,
+                   help="same as --no-enable-apd")
+    config.add(g, "--apd-verifier", default=None,
+               help="autoregressive checkpoint sharing the model's tokenizer, APD's verifier")
     config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
                help="sequences decoded together per step")
     config.add(g, "--max-queue-size", default=256, type=int,
@@ -89,6 +104,38 @@ def check_decoding_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--apd-threshold must be within [0, 1], not {args.apd_threshold}")
     if args.apd_max_parallel is not None and args.apd_max_parallel < 1:
         raise ValueError(f"--apd-max-parallel must be at least 1, not {args.apd_max_parallel}")
+    if apd_enabled(args) and args.apd_verifier is None:
+        raise ValueError("--enable-apd needs --apd-verifier DIR: an autoregressive checkpoint "
+                         "that shares the model's tokenizer")
+    if not apd_enabled(args) and args.apd_verifier is not None:
+        raise ValueError("--apd-verifier is used only with --enable-apd")
+    if args.decoding == "apd" and not apd_enabled(args):
+        raise ValueError("--decoding apd needs --enable-apd --apd-verifier DIR")
+
+
+def apd_enabled(args: argparse.Namespace) -> bool:
+    return bool(args.enable_apd) and not args.disable_apd
+
+
+def load_verifier(args: argparse.Namespace, loaded: LoadedModel) -> nn.Module | None:
+    """APD's verifier, or None when APD is off; refuses one that cannot verify this model."""
+    from vdiff_worker.models.loader import load_model
+
+    if not apd_enabled(args):
+        return None
+    if loaded.kind != "dream":
+        raise ValueError(f"APD drafts with a Dream model; {args.model} is a {loaded.kind} "
+                         "checkpoint (use decoding 'threshold' or 'factor' for LLaDA)")
+    verifier = load_model(args.apd_verifier, dtype=args.dtype, device=str(loaded.device),
+                          trust_remote_code=args.trust_remote_code)
+    if verifier.kind != "ar":
+        raise ValueError(f"--apd-verifier {args.apd_verifier} is a {verifier.kind} checkpoint; "
+                         "APD needs an autoregressive (causal LM) one")
+    probe = "APD checks a draft token by token: 12 + 30 = 42.\n"
+    if verifier.tokenizer.encode(probe) != loaded.tokenizer.encode(probe):
+        raise ValueError(f"--apd-verifier {args.apd_verifier} tokenizes differently from "
+                         f"{args.model}; APD needs a shared vocabulary")
+    return verifier.model
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -114,6 +161,11 @@ async def serve(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         logger.error("cannot load model: {}", err)
         return 2
+    try:
+        verifier = load_verifier(args, loaded)
+    except (CheckpointError, ValueError) as err:
+        logger.error("cannot use the APD verifier: {}", err)
+        return 2
     name = args.served_model_name or loaded.name
     defaults = Defaults(max_tokens=args.max_tokens, diffusion_steps=args.diffusion_steps,
                         block_length=args.block_size, decoding=args.decoding,
@@ -126,7 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
     service: WorkerService
     engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m), metrics=metrics,
                     max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
-                    max_queue_size=args.max_queue_size)
+                    max_queue_size=args.max_queue_size, verifier=verifier)
     service = WorkerService(engine, list(args.gateway), worker_id,
                             ModelInfo(name=name, max_model_len=loaded.max_model_len,
                                       kind=loaded.kind),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,16 @@ INF = float("inf")
 
 
 def drive(strategy: Strategy, models: dict[str, torch.nn.Module],
-          on_pass: list[int] | None = None) -> int:
-    """Run a strategy to the end as the engine would, one call at a time; returns the rows
-    computed. `on_pass` collects the tokens committed after each call."""
+          on_pass: list[int] | None = None,
+          until: Callable[[torch.Tensor], bool] | None = None) -> int:
+    """Run a strategy as the engine would, one call at a time, to its end or until `until`
+    holds for the canvas; returns the rows computed. `on_pass` collects the tokens committed
+    after each call."""
     canvas, mask = strategy.ctx.canvas, strategy.ctx.mask_id
     steps, rows = strategy.run(), 0
     call = next(steps, None)
     with torch.no_grad():
-        while call is not None:
+        while call is not None and not (until is not None and until(canvas)):
             rows += int(call.input_ids.shape[0])
             before = int((canvas != mask).sum())
             out: ModelOutput = models[call.model](

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from vdiff_worker.decoding.apd import APD
 from vdiff_worker.decoding.autoregressive import Autoregressive
 from vdiff_worker.decoding.base import ParamError, Strategy
 from vdiff_worker.decoding.dream import DreamReference
 from vdiff_worker.decoding.fastdllm import Factor, Threshold
 from vdiff_worker.decoding.llada import LLaDAReference
 
-_ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor, DreamReference, Autoregressive]
+_ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor, DreamReference, APD,
+                               Autoregressive]
 
 
 def strategy_for(kind: str, name: str) -> type[Strategy]:

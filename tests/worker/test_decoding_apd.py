@@ -1,0 +1,110 @@
+"""APD against the reference's acceptance counts, its cap, its refusals and its flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.worker.test_decoding_fastdllm import drive
+from vdiff_worker.cli import build_parser, check_decoding_flags, load_verifier
+from vdiff_worker.decoding import strategy_for
+from vdiff_worker.decoding.base import Context, ParamError, Settings
+from vdiff_worker.models import LoadedModel, load_model
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+CASES = json.loads((GOLDEN / "cases" / "shared_apd.json").read_text())["apd"]
+EOS, MASK = 480, 484
+BOTH = frozenset({"main", "verifier"})
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    return {"main": load_model(str(GOLDEN / "dream-tiny")).model,
+            "verifier": load_model(str(GOLDEN / "ar-tiny")).model}
+
+
+def settings(**kw: object) -> Settings:
+    base: dict[str, object] = dict(gen_length=32, steps=32, block_length=32, temperature=0.0,
+                                   models=BOTH)
+    return Settings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def rounds(ctx: Context, models: dict[str, torch.nn.Module],
+           until_eos: bool = True) -> list[int]:
+    """Tokens accepted per round (a round = a draft pass and a verifier pass)."""
+    per_pass: list[int] = []
+    drive(strategy_for("dream", "apd")(ctx), models, per_pass,
+          until=(lambda c: bool((c == EOS).any())) if until_eos else None)
+    return per_pass[1::2]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "R{apd_mixture_weight}-W{kv_window}-"
+                         "M{max_lookahead}-".format(**c["params"]) + c["task"])
+def test_reference_tokens_and_acceptance_counts(models: dict[str, torch.nn.Module],
+                                                case: dict) -> None:
+    p = case["params"]
+    s = settings(gen_length=p["max_new_tokens"], apd_mixture_weight=p["apd_mixture_weight"],
+                 apd_kv_window=p["kv_window"], apd_max_lookahead=p["max_lookahead"])
+    ctx = Context(prompt=torch.tensor(case["prompt_ids"]), settings=s, mask_id=MASK,
+                  generator=torch.Generator())
+    # The reference stops once an end-of-text is anywhere in the canvas.
+    assert rounds(ctx, models) == case["acceptance_counts"]
+    assert ctx.canvas.tolist() == case["output_ids"]
+
+
+def test_max_parallel_caps_each_round(models: dict[str, torch.nn.Module]) -> None:
+    case = CASES[0]
+    assert max(case["acceptance_counts"]) > 2
+    ctx = Context(prompt=torch.tensor(case["prompt_ids"]), settings=settings(max_parallel=2),
+                  mask_id=MASK, generator=torch.Generator())
+    counts = rounds(ctx, models, until_eos=False)
+    assert max(counts) == 2 and sum(counts) == 32
+
+
+@pytest.mark.parametrize("field,kw", [
+    ("decoding", {"models": frozenset({"main"})}),
+    ("apd_mixture_weight", {"apd_mixture_weight": 1.5}),
+    ("apd_kv_window", {"apd_kv_window": 0}),
+    ("cache", {"cache": "dual"}),
+])
+def test_refusals_name_the_field(field: str, kw: dict[str, object]) -> None:
+    with pytest.raises(ParamError) as err:
+        strategy_for("dream", "apd").check(settings(**kw))
+    assert err.value.param == field
+
+
+def flags(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--enable-apd"], "needs --apd-verifier"),
+    (["--apd-verifier", "x"], "only with --enable-apd"),
+    (["--enable-apd", "--disable-apd", "--apd-verifier", "x"], "only with --enable-apd"),
+    (["--decoding", "apd"], "--decoding apd needs --enable-apd"),
+    (["--apd-threshold", "1.5"], "--apd-threshold"),
+    (["--apd-max-parallel", "0"], "--apd-max-parallel"),
+])
+def test_flags_that_cannot_work_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_decoding_flags(flags(*argv))
+
+
+@pytest.fixture(scope="module")
+def llada() -> LoadedModel:
+    return load_model(str(GOLDEN / "llada-tiny"))
+
+
+def test_verifier_needs_a_dream_model_and_a_shared_tokenizer(llada: LoadedModel) -> None:
+    args = flags("--enable-apd", "--apd-verifier", str(GOLDEN / "ar-tiny"))
+    with pytest.raises(ValueError, match="Dream"):
+        load_verifier(args, llada)
+    dream = load_model(str(GOLDEN / "dream-tiny"))
+    assert load_verifier(args, dream) is not None
+    wrong = flags("--enable-apd", "--apd-verifier", str(GOLDEN / "llada-tiny"))
+    with pytest.raises(ValueError, match="autoregressive"):
+        load_verifier(wrong, dream)

@@ -1,0 +1,129 @@
+"""APD, adaptive parallel decoding (Israel et al.): Dream drafts, a small AR model verifies.
+
+Each round the diffusion model drafts every masked position up to the lookahead at once, left
+to right; the autoregressive verifier (same tokenizer) scores the draft in one causal pass.
+The longest prefix of the draft that agrees with the greedy choice of the mixture
+R * dLLM logits + (1 - R) * verifier logits is committed (always at least one token), so the
+number of tokens per round adapts to how much the two models agree.
+
+- ``apd_mixture_weight`` R: the weight of the diffusion model in the mixture.
+- ``apd_kv_window`` W: with it, the diffusion model keeps keys/values and recomputes only the
+  last W - 1 committed positions, the ones committed last round and the masks; without it every
+  round is a full pass.
+- ``apd_max_lookahead`` M: the draft covers at most M positions past the committed prefix.
+
+The verifier keeps a cache of the committed prefix; the prediction for the first position of
+the next draft comes from the round before, as in the reference (which, when a round accepts
+the whole draft, carries the prediction for the draft's last position instead).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vdiff_worker.decoding.base import (
+    Forward,
+    ParamError,
+    Settings,
+    Steps,
+    Strategy,
+    gumbel_argmax,
+)
+from vdiff_worker.decoding.dream import filter_logits
+from vdiff_worker.models.base import KVCache
+
+
+def _keys(kv: KVCache, end: int) -> KVCache:
+    return [(k[:, :, :end], v[:, :, :end]) for k, v in kv]
+
+
+def _join(before: KVCache | None, new: KVCache) -> KVCache:
+    if before is None:
+        return new
+    return [(torch.cat([kb, kn], dim=2), torch.cat([vb, vn], dim=2))
+            for (kb, vb), (kn, vn) in zip(before, new)]
+
+
+def accepted(draft: Tensor, dllm: Tensor, verifier: Tensor, weight: float) -> int:
+    """Length of the draft's prefix that the mixture's greedy choice agrees with (>= 1)."""
+    vocab = min(dllm.shape[-1], verifier.shape[-1])
+    target = (weight * dllm[:, :vocab] + (1.0 - weight) * verifier[:, :vocab]).argmax(dim=-1)
+    agree = draft == target
+    agree[0] = True
+    return int(torch.cumprod(agree.long(), dim=0).sum())
+
+
+class APD(Strategy):
+    name = "apd"
+    kinds = ("dream",)
+
+    @classmethod
+    def check(cls, s: Settings) -> None:
+        if "verifier" not in s.models:
+            raise ParamError("decoding", "decoding 'apd' needs a verifier model; this server "
+                                         "was started without --enable-apd --apd-verifier DIR")
+        if not 0.0 <= s.apd_mixture_weight <= 1.0:
+            raise ParamError("apd_mixture_weight", "apd_mixture_weight must be within [0, 1]")
+        for field, value in (("apd_kv_window", s.apd_kv_window),
+                             ("apd_max_lookahead", s.apd_max_lookahead)):
+            if value is not None and value < 1:
+                raise ParamError(field, f"{field} must be at least 1")
+        if s.cfg_scale > 0.0:
+            raise ParamError("cfg_scale", "APD has no classifier-free guidance")
+        if s.cache != "none":
+            raise ParamError("cache", "APD keeps its own caches; use apd_kv_window")
+        if s.remasking != "low_confidence":
+            raise ParamError("remasking", "APD commits left to right; 'remasking' does not "
+                                          "apply")
+
+    def run(self) -> Steps:
+        ctx, s = self.ctx, self.ctx.settings
+        P, N = ctx.prompt.numel(), s.gen_length
+        window, lookahead = s.apd_kv_window, s.apd_max_lookahead
+        device = ctx.prompt.device
+        cur = 0  # committed prefix of the canvas
+        last = 0  # tokens committed last round
+        dllm_kv: KVCache | None = None  # diffusion keys/values of the last pass's positions
+        ver_kv: KVCache | None = None  # verifier keys/values of prompt + committed prefix
+        carry: Tensor | None = None  # verifier's prediction for canvas position `cur`
+        while cur < N:
+            right = min(cur + lookahead, N) if lookahead is not None else N
+            seq = torch.cat([ctx.prompt, ctx.canvas[:right]])
+            left = 0
+            if dllm_kv is not None and window is not None:
+                left = max(P + cur - window - last + 1, 0)
+            before = _keys(dllm_kv, left) if dllm_kv is not None and left > 0 else None
+            out = yield Forward(
+                input_ids=seq[left:].unsqueeze(0),
+                position_ids=torch.arange(left, P + right, device=device).unsqueeze(0),
+                kv_before=before, return_kv=window is not None)
+            if window is not None:
+                assert out.kv is not None
+                dllm_kv = _join(before, out.kv)
+            # Dream predicts position g at output g - 1.
+            dllm = out.logits[0, P + cur - 1 - left:P + right - 1 - left]
+            draft = gumbel_argmax(filter_logits(dllm, s.temperature, s.top_p, s.top_k),
+                                  s.temperature, ctx.generator)
+            if ver_kv is None:
+                ids = torch.cat([ctx.prompt, ctx.canvas[:cur], draft])
+                vout = yield Forward(input_ids=ids.unsqueeze(0),
+                                     position_ids=torch.arange(P + right,
+                                                               device=device).unsqueeze(0),
+                                     model="verifier", return_kv=True)
+                verifier = vout.logits[0, P + cur - 1:P + right - 1]
+            else:
+                assert carry is not None
+                vout = yield Forward(input_ids=draft.unsqueeze(0),
+                                     position_ids=torch.arange(P + cur, P + right,
+                                                               device=device).unsqueeze(0),
+                                     model="verifier", kv_before=ver_kv, return_kv=True)
+                verifier = torch.cat([carry.unsqueeze(0), vout.logits[0, :-1]])
+            assert vout.kv is not None
+            n = accepted(draft, dllm, verifier, s.apd_mixture_weight)
+            if s.max_parallel is not None:
+                n = min(n, s.max_parallel)
+            carry = verifier[n] if n < verifier.shape[0] else verifier[-1]
+            ver_kv = _keys(_join(ver_kv, vout.kv), P + cur + n)
+            ctx.canvas[cur:cur + n] = draft[:n]
+            cur, last = cur + n, n
