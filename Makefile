@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint lint-deploy
+.PHONY: install serve test lint reliability reliability-quick lint-deploy
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -42,3 +42,10 @@ lint-deploy: $(DEPLOY_TOOLS)
 	$(VENV)/bin/docker-compose -f containers/docker-compose.yaml --profile gpu config --quiet
 	$(VENV)/bin/docker-compose -f containers/docker-compose.yaml --profile cpu config --quiet
 	$(PY) tests/deploy/validate_manifests.py
+
+# Load, faults and hostile input on loopback; writes bench/reliability.md (full form only).
+reliability: install
+	$(PY) -m bench.reliability
+
+reliability-quick: install
+	$(PY) -m bench.reliability --quick

@@ -220,6 +220,10 @@ class Gateway:
                 body, type=schema)
         except msgspec.MsgspecError as err:
             raise from_validation(err) from None
+        except RecursionError:
+            raise APIError(400, "request body is nested too deeply") from None
+        except UnicodeDecodeError as err:
+            raise APIError(400, f"request body is not valid UTF-8: {err.reason}") from None
         info = self._model(req.model)
         return plan(req, rid, info)
 
@@ -238,6 +242,10 @@ class Gateway:
 
     def _model(self, name: str | None) -> ModelInfo:
         served = self.dispatcher.models()
+        if not served:
+            # A gateway with no live worker (just started, or its workers are gone) cannot
+            # tell a model that does not exist from one whose workers have not arrived yet.
+            raise APIError(503, "no worker is registered yet; retry shortly", param="model")
         if name is None:
             if len(served) == 1:
                 return next(iter(served.values()))

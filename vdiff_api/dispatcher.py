@@ -99,7 +99,8 @@ class Dispatcher:
         live = [w for w in self.workers.values()
                 if model in w.models and self.routable(w) and w.identity != exclude]
         if not live:
-            if model in self.seen_models:
+            # With no worker at all (a fresh gateway) nobody can say the model does not exist.
+            if model in self.seen_models or not self.workers:
                 raise NoWorker(503, f"no worker serving model '{model}' is available")
             raise NoWorker(404, f"The model '{model}' does not exist.")
         free = [w for w in live if len(w.inflight) < w.capacity]
@@ -177,9 +178,16 @@ class Dispatcher:
                 worker.load = msg.load
         elif isinstance(msg, (Chunk, Done, Error)):
             job = self.jobs.get(msg.request_id)
-            if job is not None:
-                job.started = job.started or isinstance(msg, Chunk)
-                job.queue.put_nowait(msg)
+            if job is None:
+                return
+            if isinstance(msg, Error) and msg.status in (429, 503) and job.worker == identity:
+                # Draining or full: the job never ran there, so another worker may take it.
+                if worker is not None:
+                    worker.inflight.discard(msg.request_id)
+                self._rescue(job, identity, msg)
+                return
+            job.started = job.started or isinstance(msg, Chunk)
+            job.queue.put_nowait(msg)
         elif isinstance(msg, protocol.Goodbye):
             if worker is not None:
                 logger.info("worker {} says goodbye; no new work goes to it", worker.worker_id)
@@ -225,11 +233,12 @@ class Dispatcher:
             if job is not None:
                 self._rescue(job, identity)
 
-    def _rescue(self, job: Job, dead: bytes) -> None:
+    def _rescue(self, job: Job, failed: bytes, error: Error | None = None) -> None:
+        """Retry a job that produced nothing on another worker, once; otherwise end it."""
         rid = job.msg.request_id
         if not job.started and not job.retried:
             try:
-                worker = self._pick(job.msg.model, exclude=dead)
+                worker = self._pick(job.msg.model, exclude=failed)
             except NoWorker:
                 pass
             else:
@@ -237,5 +246,5 @@ class Dispatcher:
                 logger.info("retrying {} on worker {}", rid, worker.worker_id)
                 asyncio.ensure_future(self._send_job(job, worker))
                 return
-        job.queue.put_nowait(Error(request_id=rid, status=503,
-                                   message="the worker serving this request died"))
+        job.queue.put_nowait(error or Error(request_id=rid, status=503,
+                                            message="the worker serving this request died"))

@@ -20,8 +20,9 @@ def test_gateway_and_worker_started_separately(tmp_path: Path) -> None:
         wait_ready(base, [gateway], path="/health/live")
         # Ready stays false until a worker registers.
         assert httpx.get(base + "/health/ready").status_code == 503
+        # No worker yet: nobody can say "m" does not exist, so it is 503 (retry), not 404.
         r = httpx.post(base + "/v1/completions", json={"model": "m", "prompt": "x"})
-        assert r.status_code == 404
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
         mport = free_port()
         worker = spawn("vdiff_worker", ["--model", str(GOLDEN / "llada-tiny"), "--gateway", zmq,
                                         "--served-model-name", "tiny", "--num-threads", "1",
