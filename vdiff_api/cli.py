@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import time
@@ -73,7 +74,8 @@ async def run_gateway(args: argparse.Namespace, policy: Policy,
                                            expected_models=list(args.expect_model)), policy)
     hc = HyperConfig()
     hc.bind = [f"{args.host}:{args.port}"]
-    hc.accesslog = None
+    hc.accesslog = None  # the front door writes one access line per request
+    hc.errorlog = logging.getLogger("hypercorn.error")  # through loguru (setup_logging)
     hc.graceful_timeout = args.drain_timeout
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

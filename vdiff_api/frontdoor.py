@@ -138,10 +138,11 @@ class FrontDoor:
 
         try:
             refusal = self._admit(access, headers, extra)
-            if refusal is not None:
-                await refusal.response()(scope, receive, reply)
-            else:
-                await self.app(scope, receive, reply)
+            with logger.contextualize(request_id=rid):  # on every line logged meanwhile
+                if refusal is not None:
+                    await refusal.response()(scope, receive, reply)
+                else:
+                    await self.app(scope, receive, reply)
         except Exception:
             access.status = access.status or 500
             raise
