@@ -57,7 +57,7 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     # The seed's spelling of --no-enable-apd. Not a second boolean: the all-in-one launcher
     # re-emits each option from its value, so this one stays None unless given.
     g.add_argument("--disable-apd", action="store_const", const=True, default=None,
-                   help="same as --no-enable-apd")
+                   help="same as --no-enable-apd [env VDIFF_ENABLE_APD=0]")
     config.add(g, "--apd-verifier", default=None,
                help="autoregressive checkpoint sharing the model's tokenizer, APD's verifier")
     config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
