@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from vdiff_api.launcher import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "data" / "golden"
 
@@ -47,7 +49,7 @@ def spawn(module: str, args: list[str], log: Path, env: dict[str, str] | None = 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     fh = log.open("wb")
     popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=fh,
-                             stderr=subprocess.STDOUT, env=full_env)
+                             stderr=subprocess.STDOUT, env=full_env, preexec_fn=die_with_parent)
     return Proc(popen, log)
 
 

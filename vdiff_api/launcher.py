@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import signal
 import subprocess
 import sys
@@ -34,6 +35,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return p, worker
 
 
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the parent dies, even by SIGKILL, so no worker is
+    orphaned (Linux prctl PR_SET_PDEATHSIG; elsewhere the launcher's own clean-up applies)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def worker_argv(args: argparse.Namespace, worker: argparse.ArgumentParser) -> list[str]:
     """Re-express the worker's options as flags for its own process."""
     argv: list[str] = []
@@ -61,7 +69,8 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
         if args.metrics_port is not None:
             own += ["--metrics-port", str(args.metrics_port + i)]  # one port per local worker
         procs.append(subprocess.Popen([sys.executable, "-m", "vdiff_worker",
-                                       *worker_argv(args, worker), *common, *own]))
+                                       *worker_argv(args, worker), *common, *own],
+                                      preexec_fn=die_with_parent))
     stop = asyncio.Event()
 
     async def watch() -> None:
