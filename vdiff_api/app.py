@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,9 +21,16 @@ from vdiff_api import __version__, metrics
 from vdiff_api.dispatcher import Dispatcher, NoWorker, Result
 from vdiff_api.errors import APIError, from_validation
 from vdiff_api.frontdoor import Access, FrontDoor, Policy, access_of
-from vdiff_api.requests import Plan, plan
-from vdiff_api.schemas import ChatCompletionRequest, CompletionRequest
-from vdiff_common.protocol import Chunk, Done, Error, ModelInfo
+from vdiff_api.requests import Plan, messages, plan
+from vdiff_api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
+from vdiff_common.protocol import Chunk, Done, Error, ModelInfo, Tokenize, Tokens
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -118,6 +125,8 @@ class Gateway:
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/engine/stats", self.engine_stats, methods=["GET"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/detokenize", self.detokenize, methods=["POST"]),
                 Route("/health", self.health, methods=["GET"]),
                 Route("/health/live", self.live, methods=["GET"]),
                 Route("/health/ready", self.ready, methods=["GET"]),
@@ -182,6 +191,43 @@ class Gateway:
                 for m in self.dispatcher.models().values()]
         return JSONResponse({"object": "list", "data": data})
 
+    # ---- tokenizer -----------------------------------------------------------------------
+    async def tokenize(self, request: Request) -> Response:
+        try:
+            req = await self._decode(request, TokenizeRequest)
+            if (req.prompt is None) == (req.messages is None):
+                raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
+            chat = messages(req.messages) if req.messages is not None else None
+            info, reply = await self._tokenizer(request, req.model, prompt=req.prompt,
+                                                messages=chat)
+        except APIError as err:
+            return err.response()
+        return JSONResponse({"count": len(reply.tokens), "max_model_len": info.max_model_len,
+                             "tokens": reply.tokens})
+
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            req = await self._decode(request, DetokenizeRequest)
+            _, reply = await self._tokenizer(request, req.model, tokens=req.tokens)
+        except APIError as err:
+            return err.response()
+        return JSONResponse({"prompt": reply.text})
+
+    async def _tokenizer(self, request: Request, model: str | None, **fields: Any,
+                         ) -> tuple[ModelInfo, Tokens]:
+        """Ask a worker serving `model` to (de)tokenize; its errors become APIErrors."""
+        access = access_of(request)
+        info = self._model(model)
+        access.model = info.name
+        msg = Tokenize(request_id=access.request_id, model=info.name, **fields)
+        try:
+            reply = await self.dispatcher.call(msg, access.workers.add)
+        except NoWorker as err:
+            raise APIError(err.status, err.message, param="model") from None
+        if isinstance(reply, Error):
+            raise APIError(reply.status, reply.message, reply.param)
+        return info, reply
+
     # ---- generation ----------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         return await self._generate(request, CompletionRequest, chat=False)
@@ -212,20 +258,23 @@ class Gateway:
         return await self._collect(access, the_plan, start, chat, _chain(first, results))
 
     async def _plan(self, request: Request, schema: type, rid: str) -> Plan:
+        req: CompletionRequest | ChatCompletionRequest = await self._decode(request, schema)
+        info = self._model(req.model)
+        return plan(req, rid, info)
+
+    async def _decode(self, request: Request, schema: type[T]) -> T:
+        """The request body as `schema`; new work is refused while draining."""
         if self.draining:
             raise APIError(503, "server is shutting down")
         body = await self._body(request)
         try:
-            req: CompletionRequest | ChatCompletionRequest = msgspec.json.decode(
-                body, type=schema)
+            return msgspec.json.decode(body, type=schema)
         except msgspec.MsgspecError as err:
             raise from_validation(err) from None
         except RecursionError:
             raise APIError(400, "request body is nested too deeply") from None
         except UnicodeDecodeError as err:
             raise APIError(400, f"request body is not valid UTF-8: {err.reason}") from None
-        info = self._model(req.model)
-        return plan(req, rid, info)
 
     async def _body(self, request: Request) -> bytes:
         limit = self.settings.max_request_bytes

@@ -14,7 +14,17 @@ from loguru import logger
 
 from vdiff_api import metrics
 from vdiff_common import protocol, transport
-from vdiff_common.protocol import Abort, Chunk, Done, Error, Generate, Load, ModelInfo
+from vdiff_common.protocol import (
+    Abort,
+    Chunk,
+    Done,
+    Error,
+    Generate,
+    Load,
+    ModelInfo,
+    Tokenize,
+    Tokens,
+)
 
 Result = Chunk | Done | Error
 
@@ -62,6 +72,7 @@ class Dispatcher:
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self.workers: dict[bytes, Worker] = {}
         self.jobs: dict[str, Job] = {}
+        self.calls: dict[str, tuple[bytes, asyncio.Future[Tokens | Error]]] = {}  # one-shots
         self.seen_models: set[str] = set()
         self.frames = transport.FrameCounter(metrics.REJECTED_FRAMES.inc)
         self._ctx = transport.make_context()
@@ -95,7 +106,7 @@ class Dispatcher:
                 out.update(w.models)
         return out
 
-    def _pick(self, model: str, exclude: bytes | None = None) -> Worker:
+    def _live(self, model: str, exclude: bytes | None = None) -> list[Worker]:
         live = [w for w in self.workers.values()
                 if model in w.models and self.routable(w) and w.identity != exclude]
         if not live:
@@ -103,6 +114,10 @@ class Dispatcher:
             if model in self.seen_models or not self.workers:
                 raise NoWorker(503, f"no worker serving model '{model}' is available")
             raise NoWorker(404, f"The model '{model}' does not exist.")
+        return live
+
+    def _pick(self, model: str, exclude: bytes | None = None) -> Worker:
+        live = self._live(model, exclude)
         free = [w for w in live if len(w.inflight) < w.capacity]
         if not free:
             raise NoWorker(429, f"every worker serving '{model}' is at capacity; retry later")
@@ -127,6 +142,21 @@ class Dispatcher:
                         return
         finally:
             self._finish(msg.request_id, abort=job.open_choices > 0)
+
+    async def call(self, msg: Tokenize, on_placed: Callable[[str], None] | None = None,
+                   ) -> Tokens | Error:
+        """A one-shot request: the least-loaded live worker serving the model answers it
+        (from its network thread, so a full engine does not matter)."""
+        worker = min(self._live(msg.model), key=Worker.score)
+        if on_placed is not None:
+            on_placed(worker.worker_id)
+        reply: asyncio.Future[Tokens | Error] = asyncio.get_running_loop().create_future()
+        self.calls[msg.request_id] = (worker.identity, reply)
+        try:
+            await self._send(worker.identity, msg)
+            return await reply
+        finally:
+            self.calls.pop(msg.request_id, None)
 
     async def _send_job(self, job: Job, worker: Worker) -> None:
         job.worker = worker.identity
@@ -176,6 +206,10 @@ class Dispatcher:
                 await self._send(identity, protocol.Welcome(self.gateway_id, False, "unregistered"))
             else:
                 worker.load = msg.load
+        elif isinstance(msg, Tokens) or (isinstance(msg, Error) and msg.request_id in self.calls):
+            call = self.calls.get(msg.request_id)
+            if call is not None and call[0] == identity and not call[1].done():
+                call[1].set_result(msg)
         elif isinstance(msg, (Chunk, Done, Error)):
             job = self.jobs.get(msg.request_id)
             if job is None:
@@ -232,6 +266,9 @@ class Dispatcher:
             job = self.jobs.get(request_id)
             if job is not None:
                 self._rescue(job, identity)
+        for request_id, (owner, reply) in self.calls.items():
+            if owner == identity and not reply.done():
+                reply.set_result(Error(request_id, 503, "the worker serving this request died"))
 
     def _rescue(self, job: Job, failed: bytes, error: Error | None = None) -> None:
         """Retry a job that produced nothing on another worker, once; otherwise end it."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vdiff_api.errors import APIError
-from vdiff_api.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from vdiff_api.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _Sampling
 from vdiff_common.protocol import Generate, ModelInfo, SamplingParams
 
 
@@ -64,9 +64,10 @@ def _params(req: _Sampling, info: ModelInfo) -> SamplingParams:
         eos_early_stop=req.eos_early_stop)
 
 
-def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def messages(chat: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat messages as the worker's chat template takes them; only text content."""
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(chat):
         content = m.content
         if isinstance(content, list):
             parts = []
@@ -107,8 +108,8 @@ def plan(req: CompletionRequest | ChatCompletionRequest, request_id: str,
     params = _params(req, info)
     jobs: list[Generate] = []
     if isinstance(req, ChatCompletionRequest):
-        jobs.append(Generate(request_id=request_id, model=info.name, messages=_messages(req),
-                             params=params, n=req.n))
+        jobs.append(Generate(request_id=request_id, model=info.name,
+                             messages=messages(req.messages), params=params, n=req.n))
     else:
         prompts = _prompts(req.prompt)
         for k, prompt in enumerate(prompts):

@@ -75,3 +75,18 @@ class ChatCompletionRequest(_Sampling, forbid_unknown_fields=True, kw_only=True)
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
+
+
+class TokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """vLLM's POST /tokenize: `prompt` text or chat `messages` (with the chat template)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """vLLM's POST /detokenize: the text of token ids."""
+
+    model: str | None = None
+    tokens: list[Annotated[int, msgspec.Meta(ge=0)]]

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Tokenize / Tokens
 
 
 class Load(msgspec.Struct, frozen=True):
@@ -115,7 +115,26 @@ class Goodbye(msgspec.Struct, tag=True):
     sender_id: str
 
 
-Message = Register | Welcome | Heartbeat | Generate | Abort | Chunk | Done | Error | Goodbye
+class Tokenize(msgspec.Struct, tag=True):
+    """One-shot: the ids of `prompt` or chat `messages`, or the text of `tokens`."""
+
+    request_id: str
+    model: str
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tokens: list[int] | None = None
+
+
+class Tokens(msgspec.Struct, tag=True):
+    """The answer to Tokenize (or an Error with its request_id)."""
+
+    request_id: str
+    tokens: list[int] = []
+    text: str = ""
+
+
+Message = (Register | Welcome | Heartbeat | Generate | Abort | Chunk | Done | Error | Goodbye
+           | Tokenize | Tokens)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -13,7 +13,17 @@ import zmq.asyncio
 from loguru import logger
 
 from vdiff_common import protocol, transport
-from vdiff_common.protocol import Abort, Generate, Heartbeat, ModelInfo, Register, Welcome
+from vdiff_common.protocol import (
+    Abort,
+    Error,
+    Generate,
+    Heartbeat,
+    ModelInfo,
+    Register,
+    Tokenize,
+    Tokens,
+    Welcome,
+)
 from vdiff_worker.engine import Engine
 
 
@@ -129,11 +139,31 @@ class WorkerService:
                 self.engine.submit(msg, index)
             elif isinstance(msg, Abort):
                 self.engine.abort(msg.request_id)
+            elif isinstance(msg, Tokenize):
+                self._send(link, self._tokenize(msg))
             elif isinstance(msg, Welcome):
                 self._welcome(link, msg)
             elif not isinstance(msg, Heartbeat):
                 self.frames.reject(link.address.encode(),
                                    ValueError(f"unexpected {type(msg).__name__}"))
+
+    def _tokenize(self, msg: Tokenize) -> Tokens | Error:
+        """Answered here, in the network thread: the tokenizer alone is cheap."""
+        tok = self.engine.loaded.tokenizer
+        rid = msg.request_id
+        try:
+            if msg.tokens is not None:
+                bad = [t for t in msg.tokens if not 0 <= t < tok.vocab_size]
+                if bad:
+                    return Error(rid, 400, f"token id {bad[0]} is outside the vocabulary "
+                                           f"(size {tok.vocab_size})", "tokens")
+                return Tokens(rid, text=tok.decode(msg.tokens, skip_special_tokens=False))
+            if msg.messages is not None:
+                return Tokens(rid, tokens=tok.apply_chat_template(msg.messages))
+            return Tokens(rid, tokens=tok.encode(msg.prompt or ""))
+        except Exception as err:  # noqa: BLE001 - a bad prompt or template must not end the loop
+            return Error(rid, 400, f"cannot tokenize: {err}",
+                         "messages" if msg.messages is not None else "prompt")
 
     def _welcome(self, link: Link, msg: Welcome) -> None:
         if msg.accepted:

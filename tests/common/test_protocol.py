@@ -6,7 +6,15 @@ import msgspec
 import pytest
 
 from vdiff_common import protocol, transport
-from vdiff_common.protocol import Chunk, Generate, ModelInfo, Register, SamplingParams
+from vdiff_common.protocol import (
+    Chunk,
+    Generate,
+    ModelInfo,
+    Register,
+    SamplingParams,
+    Tokenize,
+    Tokens,
+)
 
 
 def test_round_trip_keeps_types() -> None:
@@ -16,6 +24,8 @@ def test_round_trip_keeps_types() -> None:
         Generate(request_id="r", model="m", prompt_ids=[1, 2],
                  params=SamplingParams(max_tokens=8, stop=["x"])),
         Chunk(request_id="r", index=0, text="hi", token_ids=[5]),
+        Tokenize(request_id="r", model="m", messages=[{"role": "user", "content": "hi"}]),
+        Tokens(request_id="r", tokens=[1, 2]),
     ]
     for msg in msgs:
         assert protocol.decode(protocol.encode(msg)) == msg
