@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint reliability reliability-quick lint-deploy
+.PHONY: install serve test lint reliability reliability-quick lint-deploy docs-check
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -26,6 +26,11 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy vdiff_common vdiff_api vdiff_worker
+
+# /docs rendered by headless Chromium (installed with apt-get when missing): a screenshot in
+# build/docs/ and a check that the page lists the endpoints. Not part of `make test`.
+docs-check: install
+	$(PY) -m tests.docs_check
 
 # Deployment files (containers/, deploy/): YAML style, Dockerfiles, the compose file as compose
 # reads it, manifests against Kubernetes and CRD schemas. The tools install into $(VENV).

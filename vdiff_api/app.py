@@ -14,10 +14,12 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
-from vdiff_api import __version__, metrics
+from vdiff_api import __version__, metrics, openapi
 from vdiff_api.dispatcher import Dispatcher, NoWorker, Result
 from vdiff_api.errors import APIError, from_validation
 from vdiff_api.frontdoor import Access, FrontDoor, Policy, access_of
@@ -132,10 +134,14 @@ class Gateway:
                 Route("/health/ready", self.ready, methods=["GET"]),
                 Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/version", self.version, methods=["GET"]),
+                Route("/openapi.json", self.openapi, methods=["GET"]),
+                Route("/docs", self.docs, methods=["GET"]),
+                Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path))),
             ],
             lifespan=self._lifespan,
         )
         self.app = FrontDoor(self.starlette, self.policy)
+        self.spec = openapi.spec(self.starlette.routes, __version__, self.policy.needs_key)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -153,13 +159,16 @@ class Gateway:
         return all(m in served for m in self.settings.expected_models)
 
     async def live(self, request: Request) -> Response:
+        """Liveness: the gateway process answers."""
         return JSONResponse({"status": "alive"})
 
     async def ready(self, request: Request) -> Response:
+        """Readiness: 200 once a worker serves every expected model; 503 while draining."""
         ok = self.is_ready()
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def health(self, request: Request) -> Response:
+        """Gateway and worker state: readiness, draining, requests in flight, workers."""
         workers = [{"id": w.worker_id, "models": sorted(w.models), "draining": w.draining,
                     "running": w.load.running, "waiting": w.load.waiting,
                     "inflight": len(w.inflight)} for w in self.dispatcher.workers.values()]
@@ -170,12 +179,23 @@ class Gateway:
                             status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics of this gateway."""
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def version(self, request: Request) -> Response:
+        """The vdiff version."""
         return JSONResponse({"version": __version__})
 
+    async def openapi(self, request: Request) -> Response:
+        """This document: OpenAPI 3.0, request bodies from the msgspec schemas."""
+        return JSONResponse(self.spec)
+
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI over /openapi.json, its files served here (no CDN)."""
+        return HTMLResponse(openapi.DOCS_HTML)
+
     async def engine_stats(self, request: Request) -> Response:
+        """Per-worker engine statistics: load, steps per second, batch sizes."""
         workers = [{"id": w.worker_id, "models": sorted(w.models), "running": w.load.running,
                     "waiting": w.load.waiting, "free_slots": w.load.free_slots,
                     "inflight": len(w.inflight), "capacity": w.capacity,
@@ -186,6 +206,7 @@ class Gateway:
         return JSONResponse({"workers": workers})
 
     async def list_models(self, request: Request) -> Response:
+        """The models the connected workers serve (OpenAI list of models)."""
         data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "vdiff",
                  "root": m.name, "max_model_len": m.max_model_len}
                 for m in self.dispatcher.models().values()]
@@ -193,6 +214,10 @@ class Gateway:
 
     # ---- tokenizer -----------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
+        """Token ids of a prompt, or of chat messages after the chat template.
+
+        vLLM's shape: {model, prompt | messages} gives {count, max_model_len, tokens}.
+        """
         try:
             req = await self._decode(request, TokenizeRequest)
             if (req.prompt is None) == (req.messages is None):
@@ -206,6 +231,7 @@ class Gateway:
                              "tokens": reply.tokens})
 
     async def detokenize(self, request: Request) -> Response:
+        """The text of token ids (vLLM's shape: {model, tokens} gives {prompt})."""
         try:
             req = await self._decode(request, DetokenizeRequest)
             _, reply = await self._tokenizer(request, req.model, tokens=req.tokens)
@@ -230,9 +256,11 @@ class Gateway:
 
     # ---- generation ----------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
+        """OpenAI completions, streaming or not, with the diffusion fields."""
         return await self._generate(request, CompletionRequest, chat=False)
 
     async def chat(self, request: Request) -> Response:
+        """OpenAI chat completions, streaming or not, with the diffusion fields."""
         return await self._generate(request, ChatCompletionRequest, chat=True)
 
     async def _generate(self, request: Request, schema: type, chat: bool) -> Response:

@@ -17,7 +17,8 @@ from tests.e2e.conftest import ENV_KEYS, FILE_KEYS
 KEYED = [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
          ("GET", "/v1/engine/stats"), ("POST", "/v1/nonexistent"), ("POST", "/tokenize"),
          ("POST", "/detokenize")]
-OPEN = ["/health", "/health/live", "/health/ready", "/metrics", "/version"]
+OPEN = ["/health", "/health/live", "/health/ready", "/metrics", "/version", "/openapi.json",
+        "/docs", "/docs/assets/swagger-ui.css"]
 WRONG = "wrong-key-3f9a"
 
 
