@@ -175,6 +175,7 @@ class Engine:
     def _sequences(self, job: Generate, reply_to: int) -> list[Sequence]:
         settings, decoding = self._settings(job)
         cls = strategy_for(self.loaded.kind, decoding)
+        cls.refuse_unused(job.params, self.loaded.kind)
         cls.check(settings)
         ids = self._prompt_ids(job)
         limit = self.loaded.max_model_len

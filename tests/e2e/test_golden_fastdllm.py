@@ -18,7 +18,7 @@ def body(case: dict) -> dict[str, object]:
     p = case["params"]
     out: dict[str, object] = {
         "model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": p["gen_length"],
-        "diffusion_steps": p["steps"], "block_length": p["block_length"],
+        "block_length": p["block_length"],
         "remasking": p["remasking"], "temperature": p["temperature"], "cache": case["cache"],
         "return_token_ids": True}
     if "factor" in p:
@@ -26,7 +26,8 @@ def body(case: dict) -> dict[str, object]:
     elif p["threshold"] is not None:
         out.update(decoding="threshold", threshold=p["threshold"])
     else:
-        out["decoding"] = "reference"  # Fast-dLLM's threshold=None: LLaDA's fixed schedule
+        # Fast-dLLM's threshold=None: LLaDA's fixed schedule, the only rule that reads steps.
+        out.update(decoding="reference", diffusion_steps=p["steps"])
     return out
 
 
@@ -53,3 +54,14 @@ def test_cfg_is_refused_with_a_cache_or_fast_rule(llada_server: Server, field: s
     r = httpx.post(llada_server.url + "/completions", json=req, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "cfg_scale"
+
+
+def test_fields_a_strategy_does_not_read_are_refused(llada_server: Server) -> None:
+    case = CASES[0]
+    for extra, field in (({"decoding": "threshold", "diffusion_steps": 32}, "diffusion_steps"),
+                         ({"decoding": "factor", "factor": 1.0, "threshold": 0.9}, "threshold"),
+                         ({"decoding": "threshold", "alg": "entropy"}, "alg")):
+        r = httpx.post(llada_server.url + "/completions", timeout=60, json={
+            "model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": 32, **extra})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == field

@@ -57,6 +57,8 @@ def accepted(draft: Tensor, dllm: Tensor, verifier: Tensor, weight: float) -> in
 class APD(Strategy):
     name = "apd"
     kinds = ("dream",)
+    fields = frozenset({"apd_mixture_weight", "apd_kv_window", "apd_max_lookahead", "top_p",
+                        "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:

@@ -29,6 +29,7 @@ class Autoregressive(Strategy):
 
     name = "reference"
     kinds = ("ar",)
+    fields = frozenset({"top_p", "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:

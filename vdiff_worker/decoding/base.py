@@ -16,7 +16,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from vdiff_common.protocol import SamplingParams
 from vdiff_worker.models.base import KVCache, ModelOutput
+
+# Fields every strategy honours (the engine and Sequence apply the stop and length ones).
+UNIVERSAL = frozenset({"max_tokens", "temperature", "seed", "stop", "stop_token_ids", "decoding",
+                       "eos_early_stop"})
 
 
 class ParamError(ValueError):
@@ -93,9 +98,23 @@ class Strategy(abc.ABC):
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]  # model kinds it decodes
+    # Request fields this strategy reads beyond the universal ones; any other field a request
+    # sets is refused, so nothing is silently ignored.
+    fields: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+
+    @classmethod
+    def refuse_unused(cls, params: SamplingParams, kind: str) -> None:
+        """Refuse request fields that would not reach this strategy."""
+        neutral = SamplingParams()
+        for name in params.__struct_fields__:
+            if name in UNIVERSAL or name in cls.fields:
+                continue
+            if getattr(params, name) != getattr(neutral, name):
+                raise ParamError(name, f"'{name}' does not apply to decoding '{cls.name}' on "
+                                       f"{kind} models")
 
     @classmethod
     def check(cls, s: Settings) -> None:

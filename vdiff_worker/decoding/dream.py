@@ -62,6 +62,7 @@ def sample_tokens(logits: Tensor, s: Settings, gen: torch.Generator,
 class DreamReference(Strategy):
     name = "reference"
     kinds = ("dream",)
+    fields = frozenset({"diffusion_steps", "alg", "alg_temp", "top_p", "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:

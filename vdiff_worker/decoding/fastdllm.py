@@ -183,6 +183,7 @@ class BlockDecoder(Strategy, abc.ABC):
 
 class Threshold(BlockDecoder):
     name = "threshold"
+    fields = frozenset({"block_length", "remasking", "cache", "threshold"})
 
     @classmethod
     def check(cls, s: Settings) -> None:
@@ -197,6 +198,7 @@ class Threshold(BlockDecoder):
 
 class Factor(BlockDecoder):
     name = "factor"
+    fields = frozenset({"block_length", "remasking", "cache", "factor"})
 
     @classmethod
     def check(cls, s: Settings) -> None:

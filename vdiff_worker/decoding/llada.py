@@ -45,6 +45,7 @@ def model_call(prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float) -
 class LLaDAReference(Strategy):
     name = "reference"
     kinds = ("llada",)
+    fields = frozenset({"diffusion_steps", "block_length", "remasking", "cfg_scale", "cache"})
 
     @classmethod
     def check(cls, s: Settings) -> None:
