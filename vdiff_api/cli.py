@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config as HyperConfig
@@ -16,7 +18,7 @@ from loguru import logger
 from vdiff_api.app import Gateway, Settings
 from vdiff_api.dispatcher import Dispatcher
 from vdiff_api.frontdoor import Policy
-from vdiff_common import config
+from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
 
 
@@ -26,6 +28,9 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
     config.add(g, "--port", default=8000, type=int, help="HTTP port")
     config.add(g, "--zmq-bind", default="tcp://127.0.0.1:5557",
                help="ZeroMQ ROUTER address workers connect to")
+    config.add(g, "--zmq-curve-dir", default=None,
+               help="CURVE key directory (`vdiff keys generate DIR`): the worker socket is "
+                    "encrypted and admits only the worker keys in DIR/authorized")
     config.add(g, "--heartbeat-interval", default=1.0, type=float,
                help="seconds between heartbeats; a peer silent for 3 is dead")
     config.add(g, "--max-request-bytes", default=1 << 20, type=int,
@@ -58,18 +63,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def policy_or_exit(args: argparse.Namespace) -> Policy:
-    """The gateway's security policy from its flags; a flag that cannot work exits 2."""
+@dataclass
+class Security:
+    policy: Policy  # API keys, rate limits, proxies
+    curve: tuple[curve.Keys, Path] | None  # the worker socket's keypair, admitted keys
+
+
+def security_or_exit(args: argparse.Namespace) -> Security:
+    """The gateway's security settings from its flags; a flag that cannot work exits 2."""
     try:
-        return Policy.from_args(args)
+        return Security(Policy.from_args(args),
+                        curve.server_keys(args.zmq_curve_dir) if args.zmq_curve_dir else None)
     except ValueError as err:
         logger.error("{}", err)
         sys.exit(2)
 
 
-async def run_gateway(args: argparse.Namespace, policy: Policy,
+async def run_gateway(args: argparse.Namespace, security: Security,
                       stop: asyncio.Event | None = None) -> int:
-    dispatcher = Dispatcher(args.zmq_bind, heartbeat_s=args.heartbeat_interval)
+    policy = security.policy
+    dispatcher = Dispatcher(args.zmq_bind, heartbeat_s=args.heartbeat_interval,
+                            curve=security.curve)
     gateway = Gateway(dispatcher, Settings(max_request_bytes=args.max_request_bytes,
                                            expected_models=list(args.expect_model)), policy)
     hc = HyperConfig()
@@ -100,8 +114,8 @@ async def run_gateway(args: argparse.Namespace, policy: Policy,
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    policy = policy_or_exit(args)
-    sys.exit(asyncio.run(run_gateway(args, policy)))
+    security = security_or_exit(args)
+    sys.exit(asyncio.run(run_gateway(args, security)))
 
 
 if __name__ == "__main__":

@@ -7,13 +7,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
+import zmq.auth
 from loguru import logger
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from vdiff_api import metrics
 from vdiff_common import protocol, transport
+from vdiff_common.curve import Keys
 from vdiff_common.protocol import (
     Abort,
     Chunk,
@@ -65,10 +69,37 @@ class Job:
     on_placed: Callable[[str], None] | None = None  # told each worker id the job goes to
 
 
+class AuthorizedKeys:
+    """ZAP credentials check: a worker's public key must be in the authorized directory,
+    re-read on a miss (a key added there is admitted without a restart)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.keys = self._read()
+        self.refused: set[bytes] = set()
+
+    def _read(self) -> set[bytes]:
+        return set(zmq.auth.load_certificates(self.directory))
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key in self.keys:
+            return True
+        self.keys = self._read()
+        if key in self.keys:
+            return True
+        if key not in self.refused:
+            self.refused.add(key)
+            logger.warning("refused a worker whose CURVE public key {} is not in {}",
+                           key.decode(), self.directory)
+        return False
+
+
 class Dispatcher:
-    def __init__(self, bind: str, heartbeat_s: float = 1.0) -> None:
+    def __init__(self, bind: str, heartbeat_s: float = 1.0,
+                 curve: tuple[Keys, Path] | None = None) -> None:
         self.bind = bind
         self.heartbeat_s = heartbeat_s
+        self.curve = curve  # our keypair and the directory of admitted worker keys
         self.gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
         self.workers: dict[bytes, Worker] = {}
         self.jobs: dict[str, Job] = {}
@@ -77,13 +108,25 @@ class Dispatcher:
         self.frames = transport.FrameCounter(metrics.REJECTED_FRAMES.inc)
         self._ctx = transport.make_context()
         self._sock: zmq.asyncio.Socket | None = None
+        self._auth: AsyncioAuthenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self._sock = transport.router(self._ctx, self.bind)
+        keys = None
+        if self.curve is not None:
+            keys, authorized = self.curve
+            self._auth = AsyncioAuthenticator(self._ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", AuthorizedKeys(authorized))
+        elif not transport.is_loopback(self.bind):
+            logger.warning("the worker socket {} is reachable from other hosts without CURVE: "
+                           "anyone who connects can register as a worker and receive "
+                           "prompts; use --zmq-curve-dir", self.bind)
+        self._sock = transport.router(self._ctx, self.bind, keys)
         self._tasks = [asyncio.create_task(self._recv_loop()),
                        asyncio.create_task(self._heartbeat_loop())]
-        logger.info("gateway {} listening for workers on {}", self.gateway_id, self.bind)
+        logger.info("gateway {} listening for workers on {}{}", self.gateway_id, self.bind,
+                    " (CURVE)" if keys is not None else "")
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -91,6 +134,8 @@ class Dispatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
 
     # ---- routing -------------------------------------------------------------------------

@@ -11,9 +11,8 @@ import sys
 
 from loguru import logger
 
-from vdiff_api.cli import add_gateway_args, policy_or_exit, run_gateway
-from vdiff_api.frontdoor import Policy
-from vdiff_common import config
+from vdiff_api.cli import Security, add_gateway_args, run_gateway, security_or_exit
+from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
 
 
@@ -29,7 +28,9 @@ def _worker_flags() -> argparse.ArgumentParser:
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     worker = _worker_flags()
     p = argparse.ArgumentParser(prog="vdiff", parents=[worker],
-                                description="OpenAI-compatible server for diffusion LMs")
+                                description="OpenAI-compatible server for diffusion LMs",
+                                epilog="`vdiff keys generate DIR` makes the CURVE keys that "
+                                       "--zmq-curve-dir uses.")
     add_gateway_args(p)
     config.add(p, "--workers", default=1, type=int, help="local worker processes to start")
     return p, worker
@@ -59,10 +60,12 @@ def worker_argv(args: argparse.Namespace, worker: argparse.ArgumentParser) -> li
 
 
 async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
-               policy: Policy) -> int:
+               security: Security) -> int:
     common = ["--gateway", args.zmq_bind, "--heartbeat-interval", str(args.heartbeat_interval),
               "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level,
               "--log-format", args.log_format]
+    if args.zmq_curve_dir:
+        common += ["--zmq-curve-dir", args.zmq_curve_dir]  # the same directory's worker.key
     procs = []
     for i in range(args.workers):
         own = ["--worker-id", f"local-{i}"]
@@ -82,7 +85,7 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
 
     watcher = asyncio.create_task(watch())
     try:
-        code = await run_gateway(args, policy, stop)
+        code = await run_gateway(args, security, stop)
     finally:
         watcher.cancel()
         for p in procs:
@@ -98,8 +101,11 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        sys.exit(curve.keys_main(argv[1:]))
     parser, worker = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    policy = policy_or_exit(args)
-    sys.exit(asyncio.run(_run(args, worker, policy)))
+    security = security_or_exit(args)
+    sys.exit(asyncio.run(_run(args, worker, security)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 import msgspec
 import zmq
@@ -10,6 +12,7 @@ import zmq.asyncio
 from loguru import logger
 
 from vdiff_common import protocol
+from vdiff_common.curve import Keys
 
 
 class FrameCounter:
@@ -41,8 +44,28 @@ def make_context() -> zmq.asyncio.Context:
     return zmq.asyncio.Context()
 
 
-def router(ctx: zmq.asyncio.Context, bind: str) -> zmq.asyncio.Socket:
+def is_loopback(address: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only (ipc, inproc, loopback)."""
+    parts = urlsplit(address)
+    if parts.scheme != "tcp":
+        return parts.scheme in ("ipc", "inproc")
+    host = parts.netloc.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "*", an interface or a host name
+
+
+def router(ctx: zmq.asyncio.Context, bind: str, curve: Keys | None = None,
+           ) -> zmq.asyncio.Socket:
+    """The gateway's socket; with `curve` a CURVE server (ZAP decides who may connect)."""
     sock = ctx.socket(zmq.ROUTER)
+    if curve is not None:
+        sock.curve_secretkey = curve.secret
+        sock.curve_publickey = curve.public
+        sock.curve_server = True
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its identity
     sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)
@@ -50,8 +73,15 @@ def router(ctx: zmq.asyncio.Context, bind: str) -> zmq.asyncio.Socket:
     return sock
 
 
-def dealer(ctx: zmq.asyncio.Context, connect: str, identity: bytes) -> zmq.asyncio.Socket:
+def dealer(ctx: zmq.asyncio.Context, connect: str, identity: bytes,
+           curve: Keys | None = None) -> zmq.asyncio.Socket:
+    """A worker's socket to one gateway; with `curve` a CURVE client of that gateway."""
     sock = ctx.socket(zmq.DEALER)
+    if curve is not None:
+        assert curve.server is not None
+        sock.curve_secretkey = curve.secret
+        sock.curve_publickey = curve.public
+        sock.curve_serverkey = curve.server
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.MAXMSGSIZE, 64 * 1024 * 1024)

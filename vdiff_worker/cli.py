@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from vdiff_common import config
+from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
 from vdiff_common.protocol import ModelInfo
 
@@ -82,6 +82,9 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         config.add(g, "--log-level", default="info", help="log level")
         config.add(g, "--log-format", default="text", choices=["text", "json"],
                    help="log format")
+        config.add(g, "--zmq-curve-dir", default=None,
+                   help="CURVE key directory: this worker's worker.key_secret and the "
+                        "gateway's gateway.key (`vdiff keys generate DIR`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +154,7 @@ async def serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
     try:
         check_decoding_flags(args)
+        keys = curve.client_keys(args.zmq_curve_dir) if args.zmq_curve_dir else None
     except ValueError as err:
         logger.error("{}", err)
         return 2
@@ -182,7 +186,7 @@ async def serve(args: argparse.Namespace) -> int:
     service = WorkerService(engine, list(args.gateway), worker_id,
                             ModelInfo(name=name, max_model_len=loaded.max_model_len,
                                       kind=loaded.kind),
-                            heartbeat_s=args.heartbeat_interval)
+                            heartbeat_s=args.heartbeat_interval, curve=keys)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,6 +13,7 @@ import zmq.asyncio
 from loguru import logger
 
 from vdiff_common import protocol, transport
+from vdiff_common.curve import Keys
 from vdiff_common.protocol import (
     Abort,
     Error,
@@ -54,8 +55,10 @@ def resolve(address: str) -> list[str]:
 
 class WorkerService:
     def __init__(self, engine: Engine, gateways: list[str], worker_id: str,
-                 model: ModelInfo, heartbeat_s: float = 1.0, resolve_s: float = 10.0) -> None:
+                 model: ModelInfo, heartbeat_s: float = 1.0, resolve_s: float = 10.0,
+                 curve: Keys | None = None) -> None:
         self.engine = engine
+        self.curve = curve  # CURVE client keys for every gateway link
         self.gateways = gateways
         self.worker_id = worker_id
         self.model = model
@@ -112,7 +115,7 @@ class WorkerService:
         wanted = [a for g in self.gateways for a in resolve(g)]
         for address in wanted:
             if address not in self.links:
-                sock = transport.dealer(self.ctx, address, self.worker_id.encode())
+                sock = transport.dealer(self.ctx, address, self.worker_id.encode(), self.curve)
                 link = Link(address=address, sock=sock)
                 self.links[address] = link
                 self._by_index.append(link)
