@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import zmq
 import zmq.asyncio
 import zmq.auth
@@ -168,10 +169,18 @@ class Dispatcher:
             raise NoWorker(429, f"every worker serving '{model}' is at capacity; retry later")
         return min(free, key=Worker.score)
 
+    @staticmethod
+    def _unique(request_id: str, inflight: Mapping[str, object]) -> str:
+        """Clients may reuse an x-request-id while the first is in flight; keep both apart."""
+        while request_id in inflight:
+            request_id = f"{request_id}.{uuid.uuid4().hex[:6]}"
+        return request_id
+
     async def submit(self, msg: Generate, on_placed: Callable[[str], None] | None = None,
                      ) -> AsyncIterator[Result]:
         """Send a job; yield its chunks until every choice is Done or an Error arrives."""
         worker = self._pick(msg.model)
+        msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.jobs))
         job = Job(msg=msg, queue=asyncio.Queue(), open_choices=msg.n, on_placed=on_placed)
         self.jobs[msg.request_id] = job
         await self._send_job(job, worker)
@@ -196,6 +205,7 @@ class Dispatcher:
         if on_placed is not None:
             on_placed(worker.worker_id)
         reply: asyncio.Future[Tokens | Error] = asyncio.get_running_loop().create_future()
+        msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.calls))
         self.calls[msg.request_id] = (worker.identity, reply)
         try:
             await self._send(worker.identity, msg)

@@ -10,6 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import jinja2
 import torch
 from loguru import logger
 
@@ -23,6 +24,7 @@ from vdiff_worker.sequence import Sequence
 from vdiff_worker.stats import StepStats
 
 Emit = Callable[[int, Message], None]
+SHAPE_BUCKET = 32  # with shape_buckets, padded passes are a multiple of this many tokens long
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, defaults: Defaults, emit: Emit,
                  max_num_seqs: int = 16, request_timeout: float | None = None,
                  verifier: torch.nn.Module | None = None, max_queue_size: int = 256,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, shape_buckets: bool = False) -> None:
         self.loaded = loaded
         self.models = {"main": loaded.model}
         if verifier is not None:
@@ -56,6 +58,9 @@ class Engine:
         self.max_num_seqs = max_num_seqs
         self.max_queue_size = max_queue_size
         self.request_timeout = request_timeout
+        # Pad plain passes to bucketed shapes (rows to a power of two, length to a multiple of
+        # SHAPE_BUCKET), so a CUDA-graph compiled model records few graphs.
+        self.shape_buckets = shape_buckets
         self.stats = StepStats()
         self.metrics = metrics or WorkerMetrics(loaded.name, "local")
         # Fault-injection hook for tests of the memory guard: a model call over this many
@@ -138,6 +143,15 @@ class Engine:
             seqs = self._sequences(job, reply_to)
         except ParamError as err:
             self.emit(reply_to, Error(job.request_id, 400, str(err), err.param))
+            return
+        except (ValueError, jinja2.TemplateError) as err:  # the chat template refuses the input
+            self.emit(reply_to, Error(job.request_id, 400, str(err),
+                                      "messages" if job.messages is not None else "prompt"))
+            return
+        except Exception as err:  # noqa: BLE001 - one bad job must not stop the engine
+            logger.exception("request {} could not start", job.request_id)
+            self.emit(reply_to, Error(job.request_id, 500,
+                                      f"request could not start: {type(err).__name__}"))
             return
         self.waiting.extend(seqs)
 
@@ -291,7 +305,7 @@ class Engine:
 
     def _batched(self, calls: list[Forward]) -> list[ModelOutput]:
         """One padded pass; on out-of-memory, split the batch in halves and retry each."""
-        if len(calls) == 1:
+        if len(calls) == 1 and not self.shape_buckets:
             return [self._call(calls[0])]
         try:
             return self._padded(calls)
@@ -304,6 +318,11 @@ class Engine:
 
     def _padded(self, calls: list[Forward]) -> list[ModelOutput]:
         width = max(int(f.input_ids.shape[1]) for f in calls)
+        rows_in = sum(int(f.input_ids.shape[0]) for f in calls)
+        filler = 0
+        if self.shape_buckets:
+            width = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
+            filler = (1 << (rows_in - 1).bit_length()) - rows_in
         ids, pos, keys = [], [], []
         for f in calls:
             rows, length = f.input_ids.shape
@@ -313,7 +332,12 @@ class Engine:
             mask = f.key_mask if f.key_mask is not None else torch.ones(
                 rows, length, dtype=torch.bool, device=f.input_ids.device)
             keys.append(torch.nn.functional.pad(mask, (0, pad), value=False))
-        self._guard(sum(int(f.input_ids.shape[0]) for f in calls), width)
+        if filler:  # rows of padding only; their outputs are dropped
+            like = calls[0].input_ids
+            ids.append(like.new_zeros(filler, width))
+            pos.append(like.new_zeros(filler, width))
+            keys.append(torch.zeros(filler, width, dtype=torch.bool, device=like.device))
+        self._guard(rows_in + filler, width)
         out = self.loaded.model(torch.cat(ids), position_ids=torch.cat(pos),
                                 key_mask=torch.cat(keys))
         results, row = [], 0

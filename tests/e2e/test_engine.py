@@ -135,3 +135,32 @@ def test_request_timeout_ends_the_request_and_frees_the_slot(tmp_path: Path) -> 
         assert _complete(s, PROMPTS[0]).status_code == 200
     finally:
         assert s.procs[0].stop() == 0
+
+
+def test_a_job_that_cannot_start_fails_alone(tmp_path: Path) -> None:
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% if messages|length > 1 %}{{ raise_exception('Conversation roles "
+                        "must alternate') }}{% endif %}{{ messages[0]['content'] }}")
+    s = _start(tmp_path, "--chat-template", str(template))
+    try:
+        r = httpx.post(s.url + "/chat/completions", timeout=60, json={
+            "model": "llada-tiny", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+        assert r.status_code == 400 and "alternate" in r.json()["error"]["message"]
+        assert _complete(s, PROMPTS[0]).status_code == 200  # the engine thread lives on
+    finally:
+        assert s.procs[0].stop() == 0
+
+
+def test_reused_request_ids_in_flight_do_not_collide(server: Server) -> None:
+    def call(prompt: list[int]) -> httpx.Response:
+        return httpx.post(server.url + "/completions", timeout=60,
+                          headers={"x-request-id": "same-id"},
+                          json={"model": "llada-tiny", "prompt": prompt, "max_tokens": 32,
+                                "block_length": 8, "return_token_ids": True})
+
+    alone = [_tokens(_complete(server, p)) for p in PROMPTS[:3]]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(call, PROMPTS[:3]))
+    assert [_tokens(r) for r in got] == alone
+    assert all(r.headers["x-request-id"] == "same-id" for r in got)
