@@ -32,6 +32,7 @@ class Sample:
     ttfc: float | None = None
     completion_tokens: int = 0
     forward_passes: int = 0
+    gateway_s: float | None = None  # from the Server-Timing header (non-streaming)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Report:
     errors: dict[str, int]
     latency_s: dict[str, float]
     ttfc_s: dict[str, float] = field(default_factory=dict)
+    gateway_overhead_s: dict[str, float] = field(default_factory=dict)
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -70,6 +72,15 @@ def load_prompts(dataset: str | None, n: int, seed: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
+def gateway_ms(header: str) -> float | None:
+    """Seconds the gateway (and transport) added, from `server-timing: gateway;dur=MS, ...`."""
+    for part in header.split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if name == "gateway" and dur:
+            return float(dur) / 1000
+    return None
+
+
 async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> Sample:
     start = time.perf_counter()
     try:
@@ -80,7 +91,8 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> 
                 return Sample(False, str(r.status_code), latency)
             usage = r.json()["usage"]
             return Sample(True, "200", latency, None, usage["completion_tokens"],
-                          usage.get("forward_passes", 0))
+                          usage.get("forward_passes", 0),
+                          gateway_ms(r.headers.get("server-timing", "")))
         ttfc, usage, errored = None, {}, False
         async with client.stream("POST", url, json={
                 **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
@@ -152,7 +164,8 @@ async def run(args: argparse.Namespace) -> Report:
         output_tokens_per_s=tokens / duration,
         tokens_per_forward=tokens / forwards if forwards else 0.0, errors=errors,
         latency_s=percentiles([s.latency for s in good]),
-        ttfc_s=percentiles([s.ttfc for s in good if s.ttfc is not None]))
+        ttfc_s=percentiles([s.ttfc for s in good if s.ttfc is not None]),
+        gateway_overhead_s=percentiles([s.gateway_s for s in good if s.gateway_s is not None]))
 
 
 def show(report: Report) -> str:
@@ -161,7 +174,8 @@ def show(report: Report) -> str:
              f"requests/s {report.requests_per_s:.2f}  output tokens/s "
              f"{report.output_tokens_per_s:.1f}  tokens/forward {report.tokens_per_forward:.2f}",
              f"errors {report.errors or 'none'}"]
-    for name, stats in (("latency", report.latency_s), ("ttfc", report.ttfc_s)):
+    for name, stats in (("latency", report.latency_s), ("ttfc", report.ttfc_s),
+                        ("gateway", report.gateway_overhead_s)):
         if stats:
             lines.append(f"{name:8s} " + "  ".join(f"{k} {v * 1000:.1f}ms"
                                                   for k, v in stats.items()))

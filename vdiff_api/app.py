@@ -53,11 +53,20 @@ class _Usage:
     prompt: dict[str, int] = field(default_factory=dict)
     completion: int = 0
     forward_passes: int = 0
+    worker_s: float = 0.0  # the slowest choice's time inside its worker
 
     def add(self, done: Done) -> None:
         self.prompt[done.request_id] = done.prompt_tokens
         self.completion += done.completion_tokens
         self.forward_passes += done.forward_passes
+        self.worker_s = max(self.worker_s, done.worker_s)
+
+    def timing(self, access: Access) -> str:
+        """Server-Timing: what the gateway and transport added around the worker's time."""
+        total = time.perf_counter() - access.start
+        overhead = max(0.0, total - self.worker_s)
+        metrics.GATEWAY_OVERHEAD.observe(overhead)
+        return f"gateway;dur={overhead * 1000:.3f}, worker;dur={self.worker_s * 1000:.3f}"
 
     def as_dict(self) -> dict[str, int]:
         p = sum(self.prompt.values())
@@ -413,7 +422,7 @@ class Gateway:
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": the_plan.model, "choices": out,
                 "usage": usage.as_dict()}
-        return JSONResponse(body)
+        return JSONResponse(body, headers={"server-timing": usage.timing(access)})
 
     async def _stream(self, access: Access, the_plan: Plan, chat: bool, start: float,
                       results: AsyncGenerator[tuple[int, Result], None],
@@ -468,6 +477,8 @@ class Gateway:
                 usage.completion = max(usage.completion, streamed)
                 self._account(access, the_plan, usage, start, 499)
             await results.aclose()  # frees the job even when the client left
+        if status == 200:
+            usage.timing(access)
         if status == 200 and the_plan.include_usage:
             yield event([], usage=usage.as_dict())
         self._account(access, the_plan, usage, start, status)

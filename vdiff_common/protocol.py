@@ -102,6 +102,7 @@ class Done(msgspec.Struct, tag=True):
     prompt_tokens: int
     completion_tokens: int
     forward_passes: int
+    worker_s: float = 0.0  # job arrival in the worker to this message
 
 
 class Error(msgspec.Struct, tag=True):

@@ -84,7 +84,7 @@ class Engine:
         self._thread.join(timeout=10)
 
     def submit(self, job: Generate, reply_to: int) -> None:
-        self.inbox.put(("job", (job, reply_to)))
+        self.inbox.put(("job", (job, reply_to, time.perf_counter())))
 
     def abort(self, request_id: str) -> None:
         self.inbox.put(("abort", request_id))
@@ -124,7 +124,7 @@ class Engine:
         while True:
             if kind == "job":
                 assert isinstance(item, tuple)
-                self._admit(item[0], item[1])
+                self._admit(*item)
             elif kind == "abort":
                 self._drop(str(item))
             try:
@@ -132,7 +132,7 @@ class Engine:
             except queue.Empty:
                 return
 
-    def _admit(self, job: Generate, reply_to: int) -> None:
+    def _admit(self, job: Generate, reply_to: int, arrived: float) -> None:
         if not self.accepting:
             self.emit(reply_to, Error(job.request_id, 503, "worker is shutting down"))
             return
@@ -140,7 +140,7 @@ class Engine:
             self.emit(reply_to, Error(job.request_id, 429, "worker queue is full; retry later"))
             return
         try:
-            seqs = self._sequences(job, reply_to)
+            seqs = self._sequences(job, reply_to, arrived)
         except ParamError as err:
             self.emit(reply_to, Error(job.request_id, 400, str(err), err.param))
             return
@@ -186,7 +186,7 @@ class Engine:
                                        f"(size {tok.vocab_size})")
         return ids
 
-    def _sequences(self, job: Generate, reply_to: int) -> list[Sequence]:
+    def _sequences(self, job: Generate, reply_to: int, arrived: float) -> list[Sequence]:
         settings, decoding = self._settings(job)
         cls = strategy_for(self.loaded.kind, decoding)
         cls.refuse_unused(job.params, self.loaded.kind)
@@ -212,7 +212,7 @@ class Engine:
                 request_id=job.request_id, index=i, reply_to=reply_to, ctx=ctx,
                 strategy=cls(ctx), tokenizer=self.loaded.tokenizer, stop_ids=stop_ids,
                 stop_strings=list(job.params.stop), early_stop=job.params.eos_early_stop,
-                deadline=deadline))
+                deadline=deadline, arrived=arrived))
         return out
 
     def _drop(self, request_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from vdiff_common.protocol import Chunk, Done
@@ -22,6 +23,7 @@ class Sequence:
     stop_strings: list[str]
     early_stop: bool
     deadline: float | None = None
+    arrived: float = field(default_factory=time.perf_counter)  # when the worker got the job
     forward_passes: int = 0
     tokens: list[int] = field(default_factory=list)  # committed answer before any stop token
     text_sent: str = ""
@@ -102,4 +104,5 @@ class Sequence:
                     finish_reason=finish_reason or self.finish_reason or "length",
                     prompt_tokens=self.prompt_tokens,
                     completion_tokens=len(self.tokens) + int(self.stopped_by_token),
-                    forward_passes=self.forward_passes)
+                    forward_passes=self.forward_passes,
+                    worker_s=time.perf_counter() - self.arrived)

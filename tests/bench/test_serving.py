@@ -20,6 +20,8 @@ def test_serving_benchmark_streaming_and_not(llada_server: Server, tmp_path: Pat
         assert report["requests_per_s"] > 0 and report["output_tokens_per_s"] > 0
         assert set(report["latency_s"]) == {"mean", "p50", "p90", "p95", "p99"}
         assert bool(report["ttfc_s"]) == (stream == "--stream")
+        # Non-streaming responses carry Server-Timing: the gateway's own share is reported.
+        assert bool(report["gateway_overhead_s"]) == (stream == "--no-stream")
 
 
 def test_poisson_arrivals(llada_server: Server, tmp_path: Path) -> None:
