@@ -50,7 +50,9 @@ lint-deploy: $(DEPLOY_TOOLS)
 
 # Load, faults and hostile input on loopback; writes bench/reliability.md (full form only).
 reliability: install
+	$(PY) -m pip install -q schemathesis
 	$(PY) -m bench.reliability
 
 reliability-quick: install
+	$(PY) -m pip install -q schemathesis
 	$(PY) -m bench.reliability --quick

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,8 +50,9 @@ def children(pid: int) -> list[int]:
 class Stack:
     """A gateway plus workers, each its own process, on free loopback ports."""
 
-    def __init__(self, tmp: Path, workers: int = 1) -> None:
+    def __init__(self, tmp: Path, workers: int = 1, worker_flags: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
+        self.worker_flags = worker_flags
         tmp.mkdir(parents=True, exist_ok=True)
         self.port, self.zport = free_port(), free_port()
         self.base = f"http://127.0.0.1:{self.port}"
@@ -68,7 +71,7 @@ class Stack:
     def worker(self, name: str) -> Proc:
         return spawn("vdiff_worker", ["--model", MODEL, "--gateway", self.zmq, "--worker-id",
                                       name, "--num-threads", "1", "--heartbeat-interval", "0.3",
-                                      "--max-queue-size", "4096"],
+                                      "--max-queue-size", "4096", *self.worker_flags],
                      self.tmp / f"{name}-{time.monotonic_ns()}.log")
 
     def restart_gateway(self) -> None:
@@ -243,6 +246,29 @@ def hostile_phase(tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def schema_phase(tmp: Path, examples: int) -> dict[str, Any]:
+    """schemathesis against /openapi.json: no server error, no response outside the schema.
+
+    Generated requests may ask for long generations; --request-timeout keeps each short."""
+    stack = Stack(tmp / "schema", worker_flags=("--request-timeout", "5"))
+    tool = Path(sys.executable).parent / "schemathesis"
+    try:
+        out = subprocess.run(
+            [str(tool), "run", stack.base + "/openapi.json", "--max-examples", str(examples),
+             "--checks", "all", "--exclude-checks", "positive_data_acceptance", "-w", "2",
+             "--exclude-path-regex", "^/docs", "--no-color"],
+            capture_output=True, text=True, timeout=900)
+        alive = httpx.post(stack.base + "/v1/completions", timeout=60, json={
+            "model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8}).status_code
+    finally:
+        stack.close()
+    found = re.search(r"(\d+) generated, (.*)", out.stdout)
+    return {"case": "schemathesis", "status": alive,
+            "summary": found.group(0).strip() if found else out.stdout[-300:],
+            "generated": int(found.group(1)) if found else 0,
+            "ok": out.returncode == 0 and alive == 200}
+
+
 def markdown(report: dict[str, Any], command: str) -> str:
     load = report["load"]
     lines = ["# Reliability", "", f"Last run: `{command}` ({report['date']}).", "",
@@ -257,6 +283,9 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines += ["", "## Hostile input", "", "| case | status | ok |", "|---|---|---|"]
     for row in report["hostile"]:
         lines.append(f"| {row['case']} | {row['status']} | {row['ok']} |")
+    schema = report["schema"]
+    lines += ["", "## Schema fuzzing", "", f"schemathesis: {schema['summary']} "
+              f"(worker serving afterwards: {schema['status']}, ok: {schema['ok']})"]
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +295,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the short form CI runs")
     args = ap.parse_args()
     n, conc, fault_n = (200, 16, 2000) if args.quick else (2000, 64, 20_000)
+    examples = 20 if args.quick else 100
     with tempfile.TemporaryDirectory() as tmp:
         report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         report["load"] = load_phase(Path(tmp), n, conc)
@@ -276,8 +306,10 @@ def main() -> None:
         report["hostile"] = hostile_phase(Path(tmp))
         for row in report["hostile"]:
             print("hostile", json.dumps(row))
+        report["schema"] = schema_phase(Path(tmp), examples)
+        print("schema", json.dumps(report["schema"]))
     report["ok"] = (report["load"]["ok"] and all(r["ok"] for r in report["faults"])
-                    and all(r["ok"] for r in report["hostile"]))
+                    and all(r["ok"] for r in report["hostile"]) and report["schema"]["ok"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))
     if not args.quick:

@@ -84,7 +84,7 @@ def messages(chat: list[ChatMessage]) -> list[dict[str, Any]]:
 
 def _is_ids(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                       for t in x)
+                                       and 0 <= t < 1 << 31 for t in x)
 
 
 def _prompts(p: str | list[Any]) -> list[str | list[int]]:

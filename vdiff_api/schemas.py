@@ -8,7 +8,10 @@ import msgspec
 
 NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
 Prob = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
-PosInt = Annotated[int, msgspec.Meta(ge=1)]
+# Upper bounds keep every integer inside what the wire format and a tensor index can hold.
+PosInt = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+Seed = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
@@ -23,11 +26,11 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_completion_tokens: PosInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1)] = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, lt=1 << 31)] = -1
     n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[TokenId] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -37,7 +40,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     # Diffusion fields (vLLM-style extra body).
     decoding: Literal["reference", "threshold", "factor", "apd"] | None = None
     diffusion_steps: PosInt | None = None
@@ -59,7 +62,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class CompletionRequest(_Sampling, forbid_unknown_fields=True, kw_only=True):
     prompt: str | list[Any]  # text, token ids, or a batch of either; checked in plan()
     echo: bool = False
-    best_of: int | None = None
+    best_of: Annotated[int, msgspec.Meta(ge=1, le=16)] | None = None
     suffix: str | None = None
 
 
@@ -89,4 +92,4 @@ class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """vLLM's POST /detokenize: the text of token ids."""
 
     model: str | None = None
-    tokens: list[Annotated[int, msgspec.Meta(ge=0)]]
+    tokens: list[TokenId]

@@ -190,6 +190,10 @@ class Engine:
         settings, decoding = self._settings(job)
         cls = strategy_for(self.loaded.kind, decoding)
         cls.refuse_unused(job.params, self.loaded.kind)
+        if settings.steps > settings.gen_length:
+            raise ParamError("diffusion_steps", f"diffusion_steps ({settings.steps}) must not "
+                                                f"exceed max_tokens ({settings.gen_length}): a "
+                                                "step commits at least one token")
         cls.check(settings)
         ids = self._prompt_ids(job)
         limit = self.loaded.max_model_len

@@ -38,8 +38,8 @@ def test_openapi_is_valid_and_covers_every_route(plain: str) -> None:
     schemas = doc["components"]["schemas"]
     completion = schemas["CompletionRequest"]
     assert completion["required"] == ["prompt"] and not completion["additionalProperties"]
-    assert completion["properties"]["block_length"] == {"type": "integer", "minimum": 1,
-                                                        "nullable": True, "default": None}
+    assert completion["properties"]["block_length"] == {
+        "type": "integer", "minimum": 1, "maximum": 1 << 20, "nullable": True, "default": None}
     assert "diffusion_steps" in schemas["ChatCompletionRequest"]["properties"]
     body = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]
     assert body["content"]["application/json"]["schema"] == {

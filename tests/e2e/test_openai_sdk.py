@@ -80,6 +80,14 @@ def test_bad_input_gets_openai_error(client: openai.OpenAI) -> None:
     assert err.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
+    for extra, field in (({"prompt": [1, 2**40]}, "prompt"), ({"seed": 2**70}, "seed"),
+                         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+                         ({"max_tokens": 8, "diffusion_steps": 2**30}, "diffusion_steps"),
+                         ({"max_tokens": 8, "diffusion_steps": 9}, "diffusion_steps")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="llada-tiny", prompt=extra.pop("prompt", "hi"),
+                                      extra_body=extra)
+        assert err.value.body["param"].startswith(field), err.value.body
     # The worker survived all of it.
     assert client.completions.create(model="llada-tiny", prompt="hi", max_tokens=8).choices
 
