@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install serve test lint reliability reliability-quick lint-deploy docs-check
+.PHONY: install serve test lint reliability reliability-quick lint-deploy docs-check \
+	metrics-check
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -31,6 +32,10 @@ lint: install
 # build/docs/ and a check that the page lists the endpoints. Not part of `make test`.
 docs-check: install
 	$(PY) -m tests.docs_check
+
+# promtool (Debian's prometheus package, installed when missing) on both tiers' /metrics.
+metrics-check: install
+	$(PY) -m tests.metrics_check
 
 # Deployment files (containers/, deploy/): YAML style, Dockerfiles, the compose file as compose
 # reads it, manifests against Kubernetes and CRD schemas. The tools install into $(VENV).
