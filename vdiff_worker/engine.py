@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 import torch
@@ -304,6 +305,11 @@ class Engine:
 
     def _call(self, f: Forward) -> ModelOutput:
         self._guard(*f.input_ids.shape)
+        if f.new_tokens:
+            model: Any = self.models[f.model]  # a transformers model: it has .generate
+            out = model.generate(f.input_ids, max_new_tokens=f.new_tokens)
+            tokens = out.sequences[:, f.input_ids.shape[1]:]
+            return ModelOutput(logits=tokens.new_empty(0), kv=None, tokens=tokens)
         return self.models[f.model](f.input_ids, position_ids=f.position_ids, key_mask=f.key_mask,
                      kv_before=f.kv_before, kv_after=f.kv_after, return_kv=f.return_kv)
 

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def build_checkpoint(root: Path) -> Path:
+    """A tiny random DiffusionGemma in its transformers layout, with Dream's tokenizer files."""
     text = {
         "vocab_size": 485,
         "hidden_size": 32,
@@ -64,11 +64,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text_config=text, vision_config=vision, canvas_length=8
     )
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("diffusion-gemma-tiny")
     transformers.DiffusionGemmaForBlockDiffusion(config).save_pretrained(str(root))
     for name in TOKENIZER_FILES:
         shutil.copy(GOLDEN / "dream-tiny" / name, root / name)
     return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("diffusion-gemma-tiny"))
 
 
 def test_loads_as_diffusion_gemma(checkpoint: Path) -> None:

@@ -8,9 +8,10 @@ from vdiff_worker.decoding.base import ParamError, Strategy
 from vdiff_worker.decoding.dream import DreamReference
 from vdiff_worker.decoding.fastdllm import Factor, Threshold
 from vdiff_worker.decoding.llada import LLaDAReference
+from vdiff_worker.decoding.model_generate import ModelGenerate
 
 _ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor, DreamReference, APD,
-                               Autoregressive]
+                               Autoregressive, ModelGenerate]
 
 
 def strategy_for(kind: str, name: str) -> type[Strategy]:

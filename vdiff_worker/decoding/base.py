@@ -43,12 +43,15 @@ class Forward:
     kv_after: KVCache | None = None
     return_kv: bool = False
     model: str = "main"  # "main" or "verifier"
+    # > 0: run the model's own generate for this many new tokens (models served through
+    # transformers with a sampler of their own, such as DiffusionGemma).
+    new_tokens: int = 0
 
     @property
     def batchable(self) -> bool:
         """Plain full-sequence passes of the main model can share one padded batch."""
         return (self.model == "main" and self.kv_before is None and self.kv_after is None
-                and not self.return_kv)
+                and not self.return_kv and not self.new_tokens)
 
 
 @dataclass

@@ -23,6 +23,7 @@ KVCache = list[KVPair]
 class ModelOutput:
     logits: Tensor  # [B, L, V] in the model dtype
     kv: KVCache | None  # per layer (k, v) of the L new tokens, [B, H_kv, L, D], k after RoPE
+    tokens: Tensor | None = None  # [B, N]: what a model's own whole-sequence generate produced
 
 
 class AttentionBlock(nn.Module, abc.ABC):

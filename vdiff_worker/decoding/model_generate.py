@@ -1,0 +1,36 @@
+"""Models that bring their own sampler (DiffusionGemma through transformers): one generate call.
+
+The call runs the model's whole block-diffusion loop at once, so such a request is not batched
+with others and streams its answer in one chunk; usage counts it as one model call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vdiff_common.protocol import SamplingParams
+from vdiff_worker.decoding.base import Forward, ParamError, Steps, Strategy
+
+
+class ModelGenerate(Strategy):
+    name = "reference"
+    kinds = ("diffusion_gemma",)
+
+    @classmethod
+    def refuse_unused(cls, params: SamplingParams, kind: str) -> None:
+        super().refuse_unused(params, kind)
+        # The model's generate has its own temperature schedule and draws from torch's global
+        # generator, so neither a request temperature nor a seed would mean what it says.
+        for name in ("temperature", "seed"):
+            if getattr(params, name) is not None:
+                raise ParamError(name, f"'{name}' does not apply to {kind} models: their own "
+                                       "generate sets the sampling schedule")
+
+    def run(self) -> Steps:
+        ctx = self.ctx
+        ids = ctx.prompt.unsqueeze(0)
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        out = yield Forward(input_ids=ids, position_ids=pos, new_tokens=ctx.settings.gen_length)
+        assert out.tokens is not None
+        tokens = out.tokens[0, : ctx.settings.gen_length]
+        ctx.canvas[: tokens.numel()] = tokens
