@@ -81,14 +81,15 @@ class Server:
         return self.base + "/v1"
 
 
-def start_allinone(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
+def start_allinone(tmp: Path, *flags: str, env: dict[str, str] | None = None,
+                   ready_timeout: float = 120.0) -> Server:
     port, zport = free_port(), free_port()
     zmq = f"tcp://127.0.0.1:{zport}"
     proc = spawn("vdiff_api", ["--port", str(port), "--zmq-bind", zmq,
                                              "--num-threads", "1", *flags],
                  tmp / f"vdiff-{port}.log", env)
     server = Server(f"http://127.0.0.1:{port}", zmq, [proc])
-    wait_ready(server.base, [proc])
+    wait_ready(server.base, [proc], timeout=ready_timeout)
     return server
 
 

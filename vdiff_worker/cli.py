@@ -71,6 +71,21 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     config.add(g, "--metrics-host", default="0.0.0.0", help="address for --metrics-port")
     config.add(g, "--num-threads", default=None, type=int,
                help="torch intra-op threads (default: cores / 2, at least 1)")
+    config.add(g, "--compile", default=False, type=bool,
+               help="torch.compile the model's forward (compiled at start; a failure falls "
+                    "back to eager). Off by default: it does not pay on CPU for small models")
+    config.add(g, "--compile-mode", default="default",
+               choices=["default", "reduce-overhead", "max-autotune"],
+               help="torch.compile mode (reduce-overhead and max-autotune use CUDA graphs on GPUs)")
+    config.add(g, "--attention", default="sdpa", choices=["sdpa", "flash", "eager"],
+               help="attention kernels: PyTorch SDPA, FlashAttention (CUDA, half precision, the "
+                    "flash-attn package) or eager softmax(QK^T)V")
+    # The seed's spelling, kept as an alias; None unless given, like --disable-apd.
+    g.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="same as --attention flash (--no-flash-attention: anything but flash)")
+    config.add(g, "--quantization", default=None, choices=["none", "int8", "int4", "8bit", "4bit"],
+               help="weight-only quantization of the linear layers through torchao (8bit, 4bit: "
+                    "the seed's names); int4 loads the model in bfloat16")
     if standalone:
         config.add(g, "--gateway", default=["tcp://127.0.0.1:5557"], repeat=True,
                    help="gateway ZeroMQ address (repeatable; DNS names follow all addresses)")
@@ -144,6 +159,7 @@ def load_verifier(args: argparse.Namespace, loaded: LoadedModel) -> nn.Module | 
 async def serve(args: argparse.Namespace) -> int:
     import torch
 
+    from vdiff_worker import accel
     from vdiff_worker.engine import Defaults, Engine
     from vdiff_worker.metrics import WorkerMetrics
     from vdiff_worker.metrics import serve as serve_metrics
@@ -154,12 +170,18 @@ async def serve(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
     try:
         check_decoding_flags(args)
+        opts = accel.Options.from_flags(
+            compile=args.compile, compile_mode=args.compile_mode, attention=args.attention,
+            flash_attention=args.flash_attention, quantization=args.quantization)
+        dtype = accel.load_dtype(args.dtype, opts)
+        accel.check(opts, torch.device(_device(args.device)),
+                    None if dtype == "auto" else getattr(torch, dtype))
         keys = curve.client_keys(args.zmq_curve_dir) if args.zmq_curve_dir else None
     except ValueError as err:
         logger.error("{}", err)
         return 2
     try:
-        loaded = load_model(args.model, dtype=args.dtype, device=_device(args.device),
+        loaded = load_model(args.model, dtype=dtype, device=_device(args.device),
                             tokenizer_path=args.tokenizer, chat_template=args.chat_template,
                             trust_remote_code=args.trust_remote_code)
     except CheckpointError as err:
@@ -170,19 +192,28 @@ async def serve(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as err:
         logger.error("cannot use the APD verifier: {}", err)
         return 2
+    try:
+        accel.check(opts, loaded.device, loaded.dtype)
+        accel.apply(loaded.model, opts, loaded.device)
+        if verifier is not None:  # the verifier shares the attention kernels, nothing else
+            accel.apply(verifier, accel.Options(attention=opts.attention), loaded.device)
+    except accel.AccelError as err:
+        logger.error("{}", err)
+        return 2
     name = args.served_model_name or loaded.name
     defaults = Defaults(max_tokens=args.max_tokens, diffusion_steps=args.diffusion_steps,
                         block_length=args.block_size, decoding=args.decoding,
                         threshold=args.apd_threshold, max_parallel=args.apd_max_parallel)
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
-    metrics = WorkerMetrics(name, worker_id)
+    metrics = WorkerMetrics(name, worker_id, loaded.device)
     metrics.memory()
     if args.metrics_port is not None:
         serve_metrics(args.metrics_port, args.metrics_host)
     service: WorkerService
     engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m), metrics=metrics,
                     max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
-                    max_queue_size=args.max_queue_size, verifier=verifier)
+                    max_queue_size=args.max_queue_size, verifier=verifier,
+                    shape_buckets=accel.bucket_shapes(opts, loaded.device))
     service = WorkerService(engine, list(args.gateway), worker_id,
                             ModelInfo(name=name, max_model_len=loaded.max_model_len,
                                       kind=loaded.kind),

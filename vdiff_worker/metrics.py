@@ -40,8 +40,11 @@ ProcessCollector(registry=REGISTRY)
 class WorkerMetrics:
     """The metric children of one worker, so the hot path does no label lookups."""
 
-    def __init__(self, model: str, worker_id: str) -> None:
+    def __init__(self, model: str, worker_id: str, device: torch.device | None = None) -> None:
         labels = (model, worker_id)
+        # The GPU the model is on: CUDA's current device is per thread, and the engine's
+        # thread would otherwise report cuda:0 whatever --device says.
+        self.device = device if device is not None and device.type == "cuda" else None
         self.queue = QUEUE.labels(*labels)
         self.active = ACTIVE.labels(*labels)
         self.forwards = FORWARDS.labels(*labels)
@@ -52,8 +55,8 @@ class WorkerMetrics:
         self.host_memory = HOST_MEMORY.labels(*labels)
 
     def memory(self) -> None:
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
+        if self.device is not None:
+            free, total = torch.cuda.mem_get_info(self.device)
             self.gpu_memory.set(total - free)
         self.host_memory.set(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 

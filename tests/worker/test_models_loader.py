@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vdiff_worker.models import CheckpointError, load_model
+from vdiff_worker.models import CheckpointError, load_model, loader
 from vdiff_worker.models.loader import resolve_dtype
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
@@ -86,11 +86,16 @@ def test_sharded_bf16_checkpoint(
         assert agree.float().mean().item() >= 0.95
 
 
-def test_resolve_dtype_rules() -> None:
+def test_resolve_dtype_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     bf16 = {"torch_dtype": "bfloat16"}
     assert resolve_dtype("auto", bf16, torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(loader, "cuda_bf16", lambda device: True)
     assert resolve_dtype("auto", bf16, torch.device("cuda")) == torch.bfloat16
-    assert resolve_dtype("auto", {}, torch.device("cuda")) == torch.float32
+    assert resolve_dtype("auto", {}, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", {"torch_dtype": "float16"}, torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(loader, "cuda_bf16", lambda device: False)  # e.g. a V100 or T4
+    assert resolve_dtype("auto", bf16, torch.device("cuda")) == torch.float16
+    assert resolve_dtype("float32", bf16, torch.device("cuda")) == torch.float32
     assert resolve_dtype("float16", bf16, torch.device("cpu")) == torch.float16
     with pytest.raises(CheckpointError, match="unknown dtype 'int8'"):
         resolve_dtype("int8", bf16, torch.device("cpu"))

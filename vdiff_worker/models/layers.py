@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 KVPair = tuple[Tensor, Tensor]
+
+AttentionBackend = Literal["sdpa", "flash", "eager"]
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("sdpa", "flash", "eager")
+_backend: AttentionBackend = "sdpa"
+
+
+def set_attention_backend(name: AttentionBackend) -> None:
+    """Choose how every native model in this process attends (the worker's --attention).
+
+    ``sdpa``: PyTorch's scaled_dot_product_attention (it picks its own kernel);
+    ``flash``: the flash-attn package's kernels (CUDA, half precision; checked at start by
+    vdiff_worker.accel); ``eager``: softmax(QK^T / sqrt(d)) V written out.
+    """
+    global _backend
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use {', '.join(ATTENTION_BACKENDS)}")
+    _backend = name
+
+
+def attention_backend() -> AttentionBackend:
+    return _backend
 
 
 class RMSNorm(nn.Module):
@@ -95,10 +118,52 @@ def attend(
             ks.append(after[0])
             vs.append(after[1])
         k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    if _backend == "flash":
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        return flash_attention(q, k, v, key_mask, flash_attn_func, flash_attn_varlen_func)
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if _backend == "eager":
+        return eager_attention(q, k, v, key_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """softmax(QK^T / sqrt(d)) V with the softmax in float32; k, v have q's head count."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Tensor | None,
+    dense: Callable[..., Tensor],
+    varlen: Callable[..., Tensor],
+) -> Tensor:
+    """Attention through FlashAttention's ``flash_attn_func`` / ``flash_attn_varlen_func``.
+
+    Takes vdiff's [B, H, L, D] layout (k, v may have fewer heads: FlashAttention groups
+    queries itself). Without a mask one dense call; with one, every query row is kept and
+    each row's masked keys are dropped from a packed (varlen) key list, which is exact for
+    bidirectional attention whatever the mask's pattern.
+    """
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, L, H, D]
+    if key_mask is None:
+        return dense(qt, kt, vt, causal=False).transpose(1, 2)
+    batch, length, heads, dim = qt.shape
+    keep = key_mask.reshape(batch, -1)  # [B, K]
+    lengths = keep.sum(dim=-1, dtype=torch.int32)
+    cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=q.device)
+    out = varlen(qt.reshape(batch * length, heads, dim), kt[keep], vt[keep], cu_q, cu_k,
+                 length, kt.shape[1], causal=False)
+    return out.view(batch, length, heads, dim).transpose(1, 2)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:

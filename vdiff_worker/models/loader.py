@@ -6,7 +6,9 @@ through transformers; remote code is allowed for the fallback only, when asked. 
 failure a user can cause is a ``CheckpointError`` naming the file, weight or field.
 
 ``dtype="auto"`` uses the checkpoint's ``torch_dtype``, except that half precision
-becomes float32 on CPU: CPU half matmuls are slow and the reference outputs are float32.
+becomes float32 on CPU (CPU half matmuls are slow and the reference outputs are float32)
+and that GPUs serve float32 and bfloat16 checkpoints in bfloat16, or float16 where the GPU
+has no bfloat16.
 """
 
 from __future__ import annotations
@@ -219,7 +221,15 @@ def resolve_dtype(requested: str, cfg: dict[str, Any], device: torch.device) -> 
     dtype = saved or torch.float32
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         return torch.float32
+    if device.type == "cuda" and dtype in (torch.float32, torch.bfloat16):
+        # GPUs serve in half precision, as vLLM does: bfloat16 where the GPU has it.
+        return torch.bfloat16 if cuda_bf16(device) else torch.float16
     return dtype
+
+
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bfloat16 natively (Ampere, compute capability 8.0, on)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _load_tokenizer(
