@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def write_json(name: str, data: Any) -> Path:
     return path
 
 
-def plot(name: str, x: list[float], series: dict[str, list[float]], xlabel: str,
+def plot(name: str, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str,
          ylabel: str) -> Path | None:
     """A PNG line plot, when matplotlib is installed (it is in the dev extra)."""
     try:

@@ -17,14 +17,14 @@ from loguru import logger
 from vdiff_common import config, curve, loop
 from vdiff_common.logging import setup_logging
 from vdiff_common.protocol import ModelInfo
+from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
 
 if TYPE_CHECKING:  # the gateway imports this module for its flags, without torch
     from torch import nn
 
     from vdiff_worker.models.loader import LoadedModel
 
-DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "tests" / "data" / "golden" /
-                    "llada-tiny")
+DEFAULT_MODEL = str(MODEL_DIR)
 
 
 def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
@@ -52,14 +52,15 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
                help="most tokens one forward pass may commit with decoding threshold, factor "
                     "or apd (default: no cap)")
     config.add(g, "--enable-apd", default=False, type=bool,
-               help="offer decoding 'apd' (Dream drafts, --apd-verifier checks); make it the "
-                    "default with --decoding apd")
+               help="offer decoding 'apd' (the model drafts, --apd-verifier checks); make it "
+                    "the default with --decoding apd")
     # The seed's spelling of --no-enable-apd. Not a second boolean: the all-in-one launcher
     # re-emits each option from its value, so this one stays None unless given.
     g.add_argument("--disable-apd", action="store_const", const=True, default=None,
                    help="same as --no-enable-apd [env VDIFF_ENABLE_APD=0]")
     config.add(g, "--apd-verifier", default=None,
-               help="autoregressive checkpoint sharing the model's tokenizer, APD's verifier")
+               help="autoregressive checkpoint sharing the model's tokenizer, APD's verifier "
+                    "(default for the built-in vdiff-tiny: vdiff-tiny-ar)")
     config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
                help="sequences decoded together per step")
     config.add(g, "--max-queue-size", default=256, type=int,
@@ -125,8 +126,11 @@ def check_decoding_flags(args: argparse.Namespace) -> None:
     if args.apd_max_parallel is not None and args.apd_max_parallel < 1:
         raise ValueError(f"--apd-max-parallel must be at least 1, not {args.apd_max_parallel}")
     if apd_enabled(args) and args.apd_verifier is None:
-        raise ValueError("--enable-apd needs --apd-verifier DIR: an autoregressive checkpoint "
-                         "that shares the model's tokenizer")
+        if Path(args.model).resolve() != MODEL_DIR:
+            raise ValueError("--enable-apd needs --apd-verifier DIR: an autoregressive "
+                             "checkpoint that shares the model's tokenizer (only the built-in "
+                             "vdiff-tiny has a default verifier)")
+        args.apd_verifier = str(VERIFIER_DIR)
     if not apd_enabled(args) and args.apd_verifier is not None:
         raise ValueError("--apd-verifier is used only with --enable-apd")
     if args.decoding == "apd" and not apd_enabled(args):
@@ -143,9 +147,9 @@ def load_verifier(args: argparse.Namespace, loaded: LoadedModel) -> nn.Module | 
 
     if not apd_enabled(args):
         return None
-    if loaded.kind != "dream":
-        raise ValueError(f"APD drafts with a Dream model; {args.model} is a {loaded.kind} "
-                         "checkpoint (use decoding 'threshold' or 'factor' for LLaDA)")
+    if loaded.kind not in ("dream", "llada"):
+        raise ValueError(f"APD drafts with a LLaDA or Dream model; {args.model} is a "
+                         f"{loaded.kind} checkpoint")
     verifier = load_model(args.apd_verifier, dtype=args.dtype, device=str(loaded.device),
                           trust_remote_code=args.trust_remote_code)
     if verifier.kind != "ar":

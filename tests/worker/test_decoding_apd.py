@@ -14,6 +14,7 @@ from vdiff_worker.cli import build_parser, check_decoding_flags, load_verifier
 from vdiff_worker.decoding import strategy_for
 from vdiff_worker.decoding.base import Context, ParamError, Settings
 from vdiff_worker.models import LoadedModel, load_model
+from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 CASES = json.loads((GOLDEN / "cases" / "shared_apd.json").read_text())["apd"]
@@ -82,7 +83,7 @@ def flags(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--enable-apd"], "needs --apd-verifier"),
+    (["--model", str(GOLDEN / "dream-tiny"), "--enable-apd"], "needs --apd-verifier"),
     (["--apd-verifier", "x"], "only with --enable-apd"),
     (["--enable-apd", "--disable-apd", "--apd-verifier", "x"], "only with --enable-apd"),
     (["--decoding", "apd"], "--decoding apd needs --enable-apd"),
@@ -99,12 +100,48 @@ def llada() -> LoadedModel:
     return load_model(str(GOLDEN / "llada-tiny"))
 
 
-def test_verifier_needs_a_dream_model_and_a_shared_tokenizer(llada: LoadedModel) -> None:
+def test_the_built_in_model_brings_its_verifier() -> None:
+    args = flags("--enable-apd")
+    check_decoding_flags(args)
+    assert Path(args.apd_verifier) == VERIFIER_DIR
+    # Given explicitly, the verifier is the one asked for.
     args = flags("--enable-apd", "--apd-verifier", str(GOLDEN / "ar-tiny"))
-    with pytest.raises(ValueError, match="Dream"):
-        load_verifier(args, llada)
+    check_decoding_flags(args)
+    assert args.apd_verifier == str(GOLDEN / "ar-tiny")
+
+
+def test_verifier_needs_a_diffusion_model_and_a_shared_tokenizer(llada: LoadedModel) -> None:
+    args = flags("--enable-apd", "--apd-verifier", str(GOLDEN / "ar-tiny"))
+    with pytest.raises(ValueError, match="LLaDA or Dream"):
+        load_verifier(args, load_model(str(GOLDEN / "ar-tiny")))
+    assert load_verifier(args, llada) is not None
     dream = load_model(str(GOLDEN / "dream-tiny"))
     assert load_verifier(args, dream) is not None
+    other = flags("--enable-apd", "--apd-verifier", str(VERIFIER_DIR))
+    with pytest.raises(ValueError, match="tokenizes differently"):
+        load_verifier(other, dream)
     wrong = flags("--enable-apd", "--apd-verifier", str(GOLDEN / "llada-tiny"))
     with pytest.raises(ValueError, match="autoregressive"):
         load_verifier(wrong, dream)
+
+
+def test_llada_drafts_are_not_shifted() -> None:
+    """LLaDA predicts a position at that position (Dream at the one before). With R = 1 the
+    mixture is the draft itself, so one round commits the model's choices at the canvas's own
+    positions."""
+    tiny, verifier = load_model(str(MODEL_DIR)), load_model(str(VERIFIER_DIR))
+    assert tiny.mask_token_id is not None
+    models = {"main": tiny.model, "verifier": verifier.model}
+    prompt = torch.tensor(tiny.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Reverse the words: moon river"}]))
+    P, N = prompt.numel(), 8
+    ctx = Context(prompt=prompt, settings=settings(gen_length=N, steps=N, block_length=N,
+                                                   apd_mixture_weight=1.0),
+                  mask_id=tiny.mask_token_id, generator=torch.Generator())
+    with torch.no_grad():
+        logits = tiny.model(torch.cat([prompt, ctx.canvas]).unsqueeze(0)).logits[0]
+        per_pass: list[int] = []
+        drive(strategy_for("llada", "apd")(ctx), models, per_pass)
+    assert per_pass == [0, N]  # the draft pass commits nothing, the verifier's round all
+    assert ctx.canvas.tolist() == logits[P:P + N].argmax(-1).tolist()
+    assert ctx.canvas.tolist() != logits[P - 1:P + N - 1].argmax(-1).tolist()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vdiff_worker.decoding.apd import APD
+from vdiff_worker.decoding.apd import APD, LLaDAAPD
 from vdiff_worker.decoding.autoregressive import Autoregressive
 from vdiff_worker.decoding.base import ParamError, Strategy
 from vdiff_worker.decoding.dream import DreamReference
@@ -11,7 +11,7 @@ from vdiff_worker.decoding.llada import LLaDAReference
 from vdiff_worker.decoding.model_generate import ModelGenerate
 
 _ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor, DreamReference, APD,
-                               Autoregressive, ModelGenerate]
+                               LLaDAAPD, Autoregressive, ModelGenerate]
 
 
 def strategy_for(kind: str, name: str) -> type[Strategy]:

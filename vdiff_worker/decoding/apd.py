@@ -1,5 +1,6 @@
-"""APD, adaptive parallel decoding (Israel et al.): Dream drafts, a small AR model verifies.
+"""APD, adaptive parallel decoding (Israel et al.): a dLLM drafts, a small AR model verifies.
 
+The paper drafts with Dream; LLaDA drafts the same way (its outputs are not shifted).
 Each round the diffusion model drafts every masked position up to the lookahead at once, left
 to right; the autoregressive verifier (same tokenizer) scores the draft in one causal pass.
 The longest prefix of the draft that agrees with the greedy choice of the mixture
@@ -18,6 +19,8 @@ the whole draft, carries the prediction for the draft's last position instead).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -57,6 +60,9 @@ def accepted(draft: Tensor, dllm: Tensor, verifier: Tensor, weight: float) -> in
 class APD(Strategy):
     name = "apd"
     kinds = ("dream",)
+    # Output index of the prediction for canvas position g is g - shift: Dream predicts the
+    # next token (as the AR model it was initialised from), LLaDA the token at the position.
+    shift: ClassVar[int] = 1
     fields = frozenset({"apd_mixture_weight", "apd_kv_window", "apd_max_lookahead", "top_p",
                         "top_k"})
 
@@ -103,8 +109,7 @@ class APD(Strategy):
             if window is not None:
                 assert out.kv is not None
                 dllm_kv = _join(before, out.kv)
-            # Dream predicts position g at output g - 1.
-            dllm = out.logits[0, P + cur - 1 - left:P + right - 1 - left]
+            dllm = out.logits[0, P + cur - self.shift - left:P + right - self.shift - left]
             draft = gumbel_argmax(filter_logits(dllm, s.temperature, s.top_p, s.top_k),
                                   s.temperature, ctx.generator)
             if ver_kv is None:
@@ -129,3 +134,8 @@ class APD(Strategy):
             ver_kv = _keys(_join(ver_kv, vout.kv), P + cur + n)
             ctx.canvas[cur:cur + n] = draft[:n]
             cur, last = cur + n, n
+
+
+class LLaDAAPD(APD):
+    kinds = ("llada",)
+    shift = 0
