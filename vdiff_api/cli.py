@@ -18,7 +18,7 @@ from loguru import logger
 from vdiff_api.app import Gateway, Settings
 from vdiff_api.dispatcher import Dispatcher
 from vdiff_api.frontdoor import Policy
-from vdiff_common import config, curve, loop
+from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
 
 
@@ -41,8 +41,6 @@ def add_gateway_args(p: argparse.ArgumentParser) -> None:
                help="model that must be served before /health/ready is 200 (repeatable)")
     config.add(g, "--log-level", default="info", help="log level")
     config.add(g, "--log-format", default="text", choices=["text", "json"], help="log format")
-    config.add(g, "--event-loop", default="auto", choices=list(loop.CHOICES),
-               help="asyncio event loop: uvloop (auto: when installed) or the standard one")
     s = p.add_argument_group("gateway security and limits")
     config.add(s, "--api-key", default=[], repeat=True,
                help="accepted API key (repeatable; comma-separated in the environment): "
@@ -94,9 +92,9 @@ async def run_gateway(args: argparse.Namespace, security: Security,
     hc.errorlog = logging.getLogger("hypercorn.error")  # through loguru (setup_logging)
     hc.graceful_timeout = args.drain_timeout
     stop = stop or asyncio.Event()
-    running = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        running.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)
 
     async def shutdown_trigger() -> None:
         await stop.wait()
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     security = security_or_exit(args)
-    sys.exit(loop.run(run_gateway(args, security), args.event_loop))
+    sys.exit(asyncio.run(run_gateway(args, security)))
 
 
 if __name__ == "__main__":

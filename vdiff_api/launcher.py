@@ -12,7 +12,7 @@ import sys
 from loguru import logger
 
 from vdiff_api.cli import Security, add_gateway_args, run_gateway, security_or_exit
-from vdiff_common import config, curve, loop
+from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
 
 
@@ -63,7 +63,7 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
                security: Security) -> int:
     common = ["--gateway", args.zmq_bind, "--heartbeat-interval", str(args.heartbeat_interval),
               "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level,
-              "--log-format", args.log_format, "--event-loop", args.event_loop]
+              "--log-format", args.log_format]
     if args.zmq_curve_dir:
         common += ["--zmq-curve-dir", args.zmq_curve_dir]  # the same directory's worker.key
     procs = []
@@ -108,4 +108,4 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     security = security_or_exit(args)
-    sys.exit(loop.run(_run(args, worker, security), args.event_loop))
+    sys.exit(asyncio.run(_run(args, worker, security)))

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
-from vdiff_common import config, curve, loop
+from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
 from vdiff_common.protocol import ModelInfo
 from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
@@ -98,8 +98,6 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         config.add(g, "--log-level", default="info", help="log level")
         config.add(g, "--log-format", default="text", choices=["text", "json"],
                    help="log format")
-        config.add(g, "--event-loop", default="auto", choices=list(loop.CHOICES),
-                   help="asyncio event loop: uvloop (auto: when installed) or the standard one")
         config.add(g, "--zmq-curve-dir", default=None,
                    help="CURVE key directory: this worker's worker.key_secret and the "
                         "gateway's gateway.key (`vdiff keys generate DIR`)")
@@ -225,9 +223,9 @@ async def serve(args: argparse.Namespace) -> int:
                                       kind=loaded.kind),
                             heartbeat_s=args.heartbeat_interval, curve=keys)
     stop = asyncio.Event()
-    running = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        running.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stop.set)
     engine.start()
     logger.info("worker {} serving {} ({}) from {}", worker_id, name, loaded.kind, args.model)
     await service.run(stop, args.drain_timeout)
@@ -238,7 +236,7 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
-    sys.exit(loop.run(serve(args), args.event_loop))
+    sys.exit(asyncio.run(serve(args)))
 
 
 if __name__ == "__main__":
