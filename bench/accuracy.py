@@ -27,8 +27,8 @@ from bench.decoding import APD, LLADA, bench_model, plot, suite_prompts
 from bench.tasks import HELD_OUT_SEED, KINDS
 from vdiff_worker.tiny import MODEL_DIR
 
-STRATEGIES = [(label, fields) for label, fields in LLADA if "prefix" not in label
-              and not label.startswith("reference+")] + [
+KEPT = ("reference", "threshold", "threshold+dual", "factor", "factor+dual")
+STRATEGIES = [s for s in LLADA if s[0] in KEPT] + [
     APD, ("apd R=0.5", {**APD[1], "apd_mixture_weight": 0.5})]
 
 

@@ -532,7 +532,6 @@ def main(argv: list[str] | None = None) -> None:
     # The task streams of the stages; the held-out prompts are filtered out besides.
     streams = {"ar": args.seed * 1000 + 11, "mdm": args.seed * 1000 + 22,
                "polish": args.seed * 1000 + 33}
-    ar_stream, mdm_stream = streams["ar"], streams["mdm"]
     if set(streams.values()) & {HELD_OUT_SEED, VALID_SEED, VOCAB_SEED}:
         ap.error("this --seed draws training data from a held-out or validation seed")
     torch.set_num_threads(args.threads)
@@ -587,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     ar = Qwen2ForCausalLM(ar_config(arch, ids))
     share_space_variants(ar, tok)
-    train(ar, ar_loss, Batches(tok, ids, ar_stream, args.batch_size, excluded),
+    train(ar, ar_loss, Batches(tok, ids, streams["ar"], args.batch_size, excluded),
           args.ar_steps, args.ar_lr, eval_ar, args.eval_every, "ar", long_canvas=False)
     ar.eval()
     ar.save_pretrained(str(ar_dir))
@@ -601,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         assert isinstance(m, LLaDAModel)
         return mdm_loss(m, b, ids.mask, gen, min(1.0, step / max(1, args.anneal_steps)))
 
-    train(mdm, loss_mdm, Batches(tok, ids, mdm_stream, args.batch_size, excluded),
+    train(mdm, loss_mdm, Batches(tok, ids, streams["mdm"], args.batch_size, excluded),
           args.mdm_steps, args.mdm_lr, eval_mdm, args.eval_every, "mdm", long_canvas=True)
     save_llada(mdm, cfg, mdm_dir)
     print(f"saved {mdm_dir}; total {time.monotonic() - t0:.0f}s", flush=True)
