@@ -33,6 +33,7 @@ class Sample:
     completion_tokens: int = 0
     forward_passes: int = 0
     gateway_s: float | None = None  # from the Server-Timing header (non-streaming)
+    transport_s: float | None = None
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Report:
     latency_s: dict[str, float]
     ttfc_s: dict[str, float] = field(default_factory=dict)
     gateway_overhead_s: dict[str, float] = field(default_factory=dict)
+    transport_overhead_s: dict[str, float] = field(default_factory=dict)
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -72,11 +74,11 @@ def load_prompts(dataset: str | None, n: int, seed: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def gateway_ms(header: str) -> float | None:
-    """Seconds the gateway (and transport) added, from `server-timing: gateway;dur=MS, ...`."""
+def server_timing(header: str, metric: str) -> float | None:
+    """Seconds of `metric` in `server-timing: gateway;dur=MS, transport;dur=MS, ...`."""
     for part in header.split(","):
         name, _, dur = part.strip().partition(";dur=")
-        if name == "gateway" and dur:
+        if name == metric and dur:
             return float(dur) / 1000
     return None
 
@@ -90,9 +92,10 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> 
             if r.status_code != 200:
                 return Sample(False, str(r.status_code), latency)
             usage = r.json()["usage"]
+            timing = r.headers.get("server-timing", "")
             return Sample(True, "200", latency, None, usage["completion_tokens"],
-                          usage.get("forward_passes", 0),
-                          gateway_ms(r.headers.get("server-timing", "")))
+                          usage.get("forward_passes", 0), server_timing(timing, "gateway"),
+                          server_timing(timing, "transport"))
         ttfc, usage, errored = None, {}, False
         async with client.stream("POST", url, json={
                 **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
@@ -165,7 +168,9 @@ async def run(args: argparse.Namespace) -> Report:
         tokens_per_forward=tokens / forwards if forwards else 0.0, errors=errors,
         latency_s=percentiles([s.latency for s in good]),
         ttfc_s=percentiles([s.ttfc for s in good if s.ttfc is not None]),
-        gateway_overhead_s=percentiles([s.gateway_s for s in good if s.gateway_s is not None]))
+        gateway_overhead_s=percentiles([s.gateway_s for s in good if s.gateway_s is not None]),
+        transport_overhead_s=percentiles([s.transport_s for s in good
+                                          if s.transport_s is not None]))
 
 
 def show(report: Report) -> str:
@@ -175,9 +180,10 @@ def show(report: Report) -> str:
              f"{report.output_tokens_per_s:.1f}  tokens/forward {report.tokens_per_forward:.2f}",
              f"errors {report.errors or 'none'}"]
     for name, stats in (("latency", report.latency_s), ("ttfc", report.ttfc_s),
-                        ("gateway", report.gateway_overhead_s)):
+                        ("gateway", report.gateway_overhead_s),
+                        ("transport", report.transport_overhead_s)):
         if stats:
-            lines.append(f"{name:8s} " + "  ".join(f"{k} {v * 1000:.1f}ms"
+            lines.append(f"{name:9s} " + "  ".join(f"{k} {v * 1000:.2f}ms"
                                                   for k, v in stats.items()))
     return "\n".join(lines)
 

@@ -62,11 +62,17 @@ class _Usage:
         self.worker_s = max(self.worker_s, done.worker_s)
 
     def timing(self, access: Access) -> str:
-        """Server-Timing: what the gateway and transport added around the worker's time."""
+        """Server-Timing: the gateway's own time (HTTP in to job out, result in to response
+        out), the transport's (the rest of the round trip: sockets and the worker's network
+        side) and the worker's (job arrival to its last result)."""
         total = time.perf_counter() - access.start
-        overhead = max(0.0, total - self.worker_s)
-        metrics.GATEWAY_OVERHEAD.observe(overhead)
-        return f"gateway;dur={overhead * 1000:.3f}, worker;dur={self.worker_s * 1000:.3f}"
+        flight = access.trace.flight()
+        gateway = max(0.0, total - flight)
+        transport = max(0.0, flight - self.worker_s)
+        metrics.GATEWAY_OVERHEAD.observe(gateway)
+        metrics.TRANSPORT_OVERHEAD.observe(transport)
+        return (f"gateway;dur={gateway * 1000:.3f}, transport;dur={transport * 1000:.3f}, "
+                f"worker;dur={self.worker_s * 1000:.3f}")
 
     def as_dict(self) -> dict[str, int]:
         p = sum(self.prompt.values())
@@ -256,7 +262,7 @@ class Gateway:
         access.model = info.name
         msg = Tokenize(request_id=access.request_id, model=info.name, **fields)
         try:
-            reply = await self.dispatcher.call(msg, access.workers.add)
+            reply = await self.dispatcher.call(msg, access.trace)
         except NoWorker as err:
             raise APIError(err.status, err.message, param="model") from None
         if isinstance(reply, Error):
@@ -349,7 +355,7 @@ class Gateway:
 
         async def pump(k: int) -> None:
             try:
-                async for msg in self.dispatcher.submit(the_plan.jobs[k], access.workers.add):
+                async for msg in self.dispatcher.submit(the_plan.jobs[k], access.trace):
                     index = k * the_plan.n + (0 if isinstance(msg, Error) else msg.index)
                     await queue.put((index, msg))
             except NoWorker as err:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,14 +60,27 @@ class Worker:
 
 
 @dataclass
+class Trace:
+    """Where and when one HTTP request's jobs went: for the access log and Server-Timing."""
+
+    workers: set[str] = field(default_factory=set)
+    sent: float | None = None  # perf_counter when the first job left for a worker
+    answered: float = 0.0  # perf_counter when the last result arrived from one
+
+    def flight(self) -> float:
+        """Seconds between the first job out and the last result in."""
+        return 0.0 if self.sent is None else max(0.0, self.answered - self.sent)
+
+
+@dataclass
 class Job:
     msg: Generate
     queue: asyncio.Queue[Result]
+    trace: Trace
     worker: bytes | None = None
     started: bool = False
     retried: bool = False
     open_choices: int = 1
-    on_placed: Callable[[str], None] | None = None  # told each worker id the job goes to
 
 
 class AuthorizedKeys:
@@ -176,12 +189,11 @@ class Dispatcher:
             request_id = f"{request_id}.{uuid.uuid4().hex[:6]}"
         return request_id
 
-    async def submit(self, msg: Generate, on_placed: Callable[[str], None] | None = None,
-                     ) -> AsyncIterator[Result]:
+    async def submit(self, msg: Generate, trace: Trace) -> AsyncIterator[Result]:
         """Send a job; yield its chunks until every choice is Done or an Error arrives."""
         worker = self._pick(msg.model)
         msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.jobs))
-        job = Job(msg=msg, queue=asyncio.Queue(), open_choices=msg.n, on_placed=on_placed)
+        job = Job(msg=msg, queue=asyncio.Queue(), trace=trace, open_choices=msg.n)
         self.jobs[msg.request_id] = job
         await self._send_job(job, worker)
         try:
@@ -197,13 +209,11 @@ class Dispatcher:
         finally:
             self._finish(msg.request_id, abort=job.open_choices > 0)
 
-    async def call(self, msg: Tokenize, on_placed: Callable[[str], None] | None = None,
-                   ) -> Tokens | Error:
+    async def call(self, msg: Tokenize, trace: Trace) -> Tokens | Error:
         """A one-shot request: the least-loaded live worker serving the model answers it
         (from its network thread, so a full engine does not matter)."""
         worker = min(self._live(msg.model), key=Worker.score)
-        if on_placed is not None:
-            on_placed(worker.worker_id)
+        trace.workers.add(worker.worker_id)
         reply: asyncio.Future[Tokens | Error] = asyncio.get_running_loop().create_future()
         msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.calls))
         self.calls[msg.request_id] = (worker.identity, reply)
@@ -216,9 +226,10 @@ class Dispatcher:
     async def _send_job(self, job: Job, worker: Worker) -> None:
         job.worker = worker.identity
         worker.inflight.add(job.msg.request_id)
-        if job.on_placed is not None:
-            job.on_placed(worker.worker_id)
+        job.trace.workers.add(worker.worker_id)
         await self._send(worker.identity, job.msg)
+        if job.trace.sent is None:
+            job.trace.sent = time.perf_counter()
 
     def _finish(self, request_id: str, abort: bool) -> None:
         job = self.jobs.pop(request_id, None)
@@ -276,6 +287,7 @@ class Dispatcher:
                 self._rescue(job, identity, msg)
                 return
             job.started = job.started or isinstance(msg, Chunk)
+            job.trace.answered = time.perf_counter()
             job.queue.put_nowait(msg)
         elif isinstance(msg, protocol.Goodbye):
             if worker is not None:

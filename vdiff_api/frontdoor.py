@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vdiff_api.auth import APIKeys
+from vdiff_api.dispatcher import Trace
 from vdiff_api.errors import APIError
 from vdiff_api.ratelimit import RateLimiter
 
@@ -29,7 +30,7 @@ _PROBES = ("/health", "/health/live", "/health/ready", "/metrics")  # logged at 
 
 @dataclass
 class Access:
-    """What one request did; the routes fill in model, tokens and workers."""
+    """What one request did; the routes fill in model, tokens and the trace."""
 
     request_id: str
     method: str
@@ -41,7 +42,7 @@ class Access:
     model: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    workers: set[str] = field(default_factory=set)
+    trace: Trace = field(default_factory=Trace)
 
 
 def access_of(request: Request) -> Access:
@@ -174,7 +175,7 @@ class FrontDoor:
 
 def _log(access: Access) -> None:
     latency = time.perf_counter() - access.start
-    workers = ",".join(sorted(access.workers))
+    workers = ",".join(sorted(access.trace.workers))
     fields: dict[str, Any] = {
         "access": True, "request_id": access.request_id, "method": access.method,
         "path": access.path, "status": access.status, "model": access.model,

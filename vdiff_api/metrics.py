@@ -22,7 +22,12 @@ GENERATION_TOKENS = Counter("vdiff_generation_tokens", "Tokens generated", ["mod
 ACTIVE = Gauge("vdiff_active_requests", "Requests in flight at this gateway")
 WORKERS = Gauge("vdiff_connected_workers", "Workers registered with this gateway")
 REJECTED_FRAMES = Counter("vdiff_rejected_frames", "ZeroMQ frames that failed to decode")
+_OVERHEAD = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 GATEWAY_OVERHEAD = Histogram(
     "vdiff_gateway_overhead_seconds",
-    "Request time outside the worker: HTTP in to job out plus result in to response out",
-    buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5))
+    "The gateway's own time per request: HTTP in to job out plus result in to response out",
+    buckets=_OVERHEAD)
+TRANSPORT_OVERHEAD = Histogram(
+    "vdiff_transport_overhead_seconds",
+    "Job out to last result in, less the worker's own time: sockets both ways and the "
+    "worker's network side", buckets=_OVERHEAD)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -99,3 +101,19 @@ def test_health_and_metrics(llada_server: Server) -> None:
     assert detail["workers"][0]["models"] == ["llada-tiny"]
     text = httpx.get(llada_server.base + "/metrics").text
     assert "vdiff_request_success_total" in text
+
+
+def test_server_timing_splits_gateway_transport_worker(llada_server: Server) -> None:
+    body = {"model": "llada-tiny", "prompt": "What is 2 + 3?", "max_tokens": 8}
+    start = time.perf_counter()
+    r = httpx.post(llada_server.url + "/completions", json=body, timeout=60)
+    latency_ms = (time.perf_counter() - start) * 1000
+    parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+    ms = {k: float(v) for k, v in parts.items()}
+    assert set(ms) == {"gateway", "transport", "worker"}
+    # Each share is real time (a socket round trip and a forward pass are never free), and
+    # together they fit in what the client saw.
+    assert all(v > 0 for v in ms.values()), ms
+    assert sum(ms.values()) <= latency_ms
+    text = httpx.get(llada_server.base + "/metrics").text
+    assert "vdiff_transport_overhead_seconds_count" in text
