@@ -406,10 +406,9 @@ class Gateway:
             if isinstance(msg, Error):
                 self._account(access, the_plan, usage, start, msg.status)
                 return APIError(msg.status, msg.message, msg.param).response()
-            if isinstance(msg, Chunk):
-                choices[index].text += msg.text
-                choices[index].token_ids += msg.token_ids
-            else:
+            choices[index].text += msg.text
+            choices[index].token_ids += msg.token_ids
+            if isinstance(msg, Done):
                 choices[index].finish_reason = msg.finish_reason
                 usage.add(msg)
         self._account(access, the_plan, usage, start, 200)
@@ -429,6 +428,20 @@ class Gateway:
                 "created": int(time.time()), "model": the_plan.model, "choices": out,
                 "usage": usage.as_dict()}
         return JSONResponse(body, headers={"server-timing": usage.timing(access)})
+
+    @staticmethod
+    def _delta(index: int, chat: bool, the_plan: Plan, text: str = "",
+               token_ids: list[int] | None = None, finish: str | None = None,
+               ) -> dict[str, object]:
+        """One streamed choice: new text (and its ids), or the finish with an empty delta."""
+        choice: dict[str, object] = {"index": index, "logprobs": None, "finish_reason": finish}
+        if chat:
+            choice["delta"] = {"content": text} if token_ids is not None else {}
+        else:
+            choice["text"] = text
+        if the_plan.return_token_ids and token_ids is not None:
+            choice["token_ids"] = token_ids
+        return choice
 
     async def _stream(self, access: Access, the_plan: Plan, chat: bool, start: float,
                       results: AsyncGenerator[tuple[int, Result], None],
@@ -459,24 +472,12 @@ class Gateway:
                 if first:
                     metrics.TTFC.labels(the_plan.model).observe(time.perf_counter() - start)
                     first = False
-                choice: dict[str, object] = {"index": index, "logprobs": None,
-                                             "finish_reason": None}
-                if isinstance(msg, Chunk):
+                if isinstance(msg, Chunk) or msg.text or msg.token_ids:
                     streamed += len(msg.token_ids)
-                    if chat:
-                        choice["delta"] = {"content": msg.text}
-                    else:
-                        choice["text"] = msg.text
-                    if the_plan.return_token_ids:
-                        choice["token_ids"] = msg.token_ids
-                else:
+                    yield event([self._delta(index, chat, the_plan, msg.text, msg.token_ids)])
+                if isinstance(msg, Done):
                     usage.add(msg)
-                    choice["finish_reason"] = msg.finish_reason
-                    if chat:
-                        choice["delta"] = {}
-                    else:
-                        choice["text"] = ""
-                yield event([choice])
+                    yield event([self._delta(index, chat, the_plan, finish=msg.finish_reason)])
             ended = True
         finally:
             if not ended:  # the client left: 499, as nginx logs it

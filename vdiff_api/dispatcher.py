@@ -286,7 +286,7 @@ class Dispatcher:
                     worker.inflight.discard(msg.request_id)
                 self._rescue(job, identity, msg)
                 return
-            job.started = job.started or isinstance(msg, Chunk)
+            job.started = job.started or isinstance(msg, (Chunk, Done))
             job.trace.answered = time.perf_counter()
             job.queue.put_nowait(msg)
         elif isinstance(msg, protocol.Goodbye):

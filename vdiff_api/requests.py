@@ -109,17 +109,18 @@ def plan(req: CompletionRequest | ChatCompletionRequest, request_id: str,
     jobs: list[Generate] = []
     if isinstance(req, ChatCompletionRequest):
         jobs.append(Generate(request_id=request_id, model=info.name,
-                             messages=messages(req.messages), params=params, n=req.n))
+                             messages=messages(req.messages), params=params, n=req.n,
+                             stream=req.stream))
     else:
         prompts = _prompts(req.prompt)
         for k, prompt in enumerate(prompts):
             rid = request_id if len(prompts) == 1 else f"{request_id}-{k}"
             if isinstance(prompt, str):
                 jobs.append(Generate(request_id=rid, model=info.name, prompt=prompt,
-                                     params=params, n=req.n))
+                                     params=params, n=req.n, stream=req.stream))
             else:
                 jobs.append(Generate(request_id=rid, model=info.name, prompt_ids=list(prompt),
-                                     params=params, n=req.n))
+                                     params=params, n=req.n, stream=req.stream))
     opts = req.stream_options
     if opts is not None and not req.stream:
         raise APIError(400, "'stream_options' is only allowed when 'stream' is true",

@@ -6,7 +6,7 @@ from typing import Any
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: Tokenize / Tokens
+PROTOCOL_VERSION = 3  # 2: Tokenize / Tokens; 3: Generate.stream, the answer's tail in Done
 
 
 class Load(msgspec.Struct, frozen=True):
@@ -71,7 +71,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Generate(msgspec.Struct, tag=True):
-    """A job: prompt (text, chat messages or token ids); `n` choices share it."""
+    """A job: prompt (text, chat messages or token ids); `n` choices share it. Without
+    `stream` the worker sends no Chunks: each choice's whole answer rides in its Done."""
 
     request_id: str
     model: str
@@ -80,6 +81,7 @@ class Generate(msgspec.Struct, tag=True):
     messages: list[dict[str, Any]] | None = None
     params: SamplingParams = SamplingParams()
     n: int = 1
+    stream: bool = True
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -96,6 +98,8 @@ class Chunk(msgspec.Struct, tag=True):
 
 
 class Done(msgspec.Struct, tag=True):
+    """Choice `index` is finished; `text`/`token_ids` are the part of it no Chunk carried."""
+
     request_id: str
     index: int
     finish_reason: str
@@ -103,6 +107,8 @@ class Done(msgspec.Struct, tag=True):
     completion_tokens: int
     forward_passes: int
     worker_s: float = 0.0  # job arrival in the worker to this message
+    text: str = ""
+    token_ids: list[int] = []
 
 
 class Error(msgspec.Struct, tag=True):

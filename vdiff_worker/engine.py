@@ -217,7 +217,7 @@ class Engine:
                 request_id=job.request_id, index=i, reply_to=reply_to, ctx=ctx,
                 strategy=cls(ctx), tokenizer=self.loaded.tokenizer, stop_ids=stop_ids,
                 stop_strings=list(job.params.stop), early_stop=job.params.eos_early_stop,
-                deadline=deadline, arrived=arrived))
+                stream=job.stream, deadline=deadline, arrived=arrived))
         return out
 
     def _drop(self, request_id: str) -> None:
@@ -258,13 +258,13 @@ class Engine:
         if self.steps % 50 == 0:
             m.memory()
         for seq in list(self.running):
-            chunk = seq.collect()
-            if chunk is not None:
-                self.emit(seq.reply_to, chunk)
+            seq.collect()
             if seq.done:
                 seq.close()
                 self.running.remove(seq)
                 self.emit(seq.reply_to, seq.result())
+            elif seq.stream and (chunk := seq.chunk()) is not None:
+                self.emit(seq.reply_to, chunk)
 
     def _isolate(self, err: Exception) -> None:
         """A batched step failed: step each sequence alone; those that still fail end alone."""

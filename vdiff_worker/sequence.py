@@ -22,11 +22,14 @@ class Sequence:
     stop_ids: frozenset[int]
     stop_strings: list[str]
     early_stop: bool
+    stream: bool = True  # send each step's new text; otherwise all of it in the Done
     deadline: float | None = None
     arrived: float = field(default_factory=time.perf_counter)  # when the worker got the job
     forward_passes: int = 0
     tokens: list[int] = field(default_factory=list)  # committed answer before any stop token
-    text_sent: str = ""
+    text_sent: str = ""  # text released so far (held back: a partial character or stop)
+    unsent_text: str = ""  # released but not yet in a Chunk
+    unsent_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # set when the answer is final
     stopped_by_token: bool = False
     pending: Forward | None = None
@@ -62,10 +65,11 @@ class Sequence:
         self._steps.close()
         self.pending = None
 
-    def collect(self) -> Chunk | None:
-        """New text committed contiguously from the left, with stop tokens/strings applied."""
+    def collect(self) -> None:
+        """Release new text committed contiguously from the left, with stop tokens/strings
+        applied; it waits in `unsent_*` for the next Chunk or the Done."""
         if self.finish_reason is not None:
-            return None
+            return
         canvas = self.ctx.canvas.tolist()
         mask = self.ctx.mask_id
         new: list[int] = []
@@ -95,14 +99,27 @@ class Sequence:
             text = text[: max(cut, len(self.text_sent))]
         delta = text[len(self.text_sent):] if text.startswith(self.text_sent) else ""
         self.text_sent += delta
-        if not delta and not new:
+        self.unsent_text += delta
+        self.unsent_ids += new
+
+    def take(self) -> tuple[str, list[int]]:
+        text, ids = self.unsent_text, self.unsent_ids
+        self.unsent_text, self.unsent_ids = "", []
+        return text, ids
+
+    def chunk(self) -> Chunk | None:
+        """What was released since the last Chunk, if anything."""
+        if not self.unsent_text and not self.unsent_ids:
             return None
-        return Chunk(request_id=self.request_id, index=self.index, text=delta, token_ids=new)
+        text, ids = self.take()
+        return Chunk(request_id=self.request_id, index=self.index, text=text, token_ids=ids)
 
     def result(self, finish_reason: str | None = None) -> Done:
+        """The end of this choice, carrying whatever no Chunk did."""
+        text, ids = self.take()
         return Done(request_id=self.request_id, index=self.index,
                     finish_reason=finish_reason or self.finish_reason or "length",
                     prompt_tokens=self.prompt_tokens,
                     completion_tokens=len(self.tokens) + int(self.stopped_by_token),
                     forward_passes=self.forward_passes,
-                    worker_s=time.perf_counter() - self.arrived)
+                    worker_s=time.perf_counter() - self.arrived, text=text, token_ids=ids)
