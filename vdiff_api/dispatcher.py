@@ -11,7 +11,6 @@ from pathlib import Path
 
 import msgspec
 import zmq
-import zmq.asyncio
 import zmq.auth
 from loguru import logger
 from zmq.auth.asyncio import AsyncioAuthenticator
@@ -121,7 +120,7 @@ class Dispatcher:
         self.seen_models: set[str] = set()
         self.frames = transport.FrameCounter(metrics.REJECTED_FRAMES.inc)
         self._ctx = transport.make_context()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._chan: transport.Channel | None = None
         self._auth: AsyncioAuthenticator | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -136,9 +135,9 @@ class Dispatcher:
             logger.warning("the worker socket {} is reachable from other hosts without CURVE: "
                            "anyone who connects can register as a worker and receive "
                            "prompts; use --zmq-curve-dir", self.bind)
-        self._sock = transport.router(self._ctx, self.bind, keys)
-        self._tasks = [asyncio.create_task(self._recv_loop()),
-                       asyncio.create_task(self._heartbeat_loop())]
+        sock = transport.router(self._ctx, self.bind, keys)
+        self._chan = transport.Channel(sock, asyncio.get_running_loop(), self._on_frames)
+        self._tasks = [asyncio.create_task(self._heartbeat_loop())]
         logger.info("gateway {} listening for workers on {}{}", self.gateway_id, self.bind,
                     " (CURVE)" if keys is not None else "")
 
@@ -146,8 +145,8 @@ class Dispatcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close(0)
+        if self._chan is not None:
+            self._chan.close()
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()
@@ -195,7 +194,7 @@ class Dispatcher:
         msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.jobs))
         job = Job(msg=msg, queue=asyncio.Queue(), trace=trace, open_choices=msg.n)
         self.jobs[msg.request_id] = job
-        await self._send_job(job, worker)
+        self._send_job(job, worker)
         try:
             while True:
                 result = await job.queue.get()
@@ -218,16 +217,16 @@ class Dispatcher:
         msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.calls))
         self.calls[msg.request_id] = (worker.identity, reply)
         try:
-            await self._send(worker.identity, msg)
+            self._send(worker.identity, msg)
             return await reply
         finally:
             self.calls.pop(msg.request_id, None)
 
-    async def _send_job(self, job: Job, worker: Worker) -> None:
+    def _send_job(self, job: Job, worker: Worker) -> None:
         job.worker = worker.identity
         worker.inflight.add(job.msg.request_id)
         job.trace.workers.add(worker.worker_id)
-        await self._send(worker.identity, job.msg)
+        self._send(worker.identity, job.msg)
         if job.trace.sent is None:
             job.trace.sent = time.perf_counter()
 
@@ -239,37 +238,32 @@ class Dispatcher:
         if worker is not None:
             worker.inflight.discard(request_id)
             if abort:
-                asyncio.ensure_future(self._send(worker.identity, Abort(request_id=request_id)))
+                self._send(worker.identity, Abort(request_id=request_id))
 
-    async def _send(self, identity: bytes, msg: protocol.Message) -> None:
-        assert self._sock is not None
-        try:
-            await self._sock.send_multipart([identity, protocol.encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as err:
-            logger.warning("send to {!r} failed: {}", identity, err)
+    def _send(self, identity: bytes, msg: protocol.Message) -> None:
+        assert self._chan is not None
+        if not self._chan.send([identity, protocol.encode(msg)]):
+            logger.warning("send to {!r} failed", identity)
 
-    # ---- loops ---------------------------------------------------------------------------
-    async def _recv_loop(self) -> None:
-        assert self._sock is not None
-        while True:
-            frames = await self._sock.recv_multipart()
-            if len(frames) != 2:
-                self.frames.reject(frames[0] if frames else b"?", ValueError("bad frame count"))
-                continue
-            identity, payload = frames
-            msg = transport.try_decode(payload, identity, self.frames)
-            if msg is not None:
-                await self._handle(identity, msg)
+    # ---- receiving -----------------------------------------------------------------------
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.frames.reject(frames[0] if frames else b"?", ValueError("bad frame count"))
+            return
+        identity, payload = frames
+        msg = transport.try_decode(payload, identity, self.frames)
+        if msg is not None:
+            self._handle(identity, msg)
 
-    async def _handle(self, identity: bytes, msg: protocol.Message) -> None:
+    def _handle(self, identity: bytes, msg: protocol.Message) -> None:
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
         if isinstance(msg, protocol.Register):
-            await self._register(identity, msg)
+            self._register(identity, msg)
         elif isinstance(msg, protocol.Heartbeat):
             if worker is None:
-                await self._send(identity, protocol.Welcome(self.gateway_id, False, "unregistered"))
+                self._send(identity, protocol.Welcome(self.gateway_id, False, "unregistered"))
             else:
                 worker.load = msg.load
         elif isinstance(msg, Tokens) or (isinstance(msg, Error) and msg.request_id in self.calls):
@@ -296,12 +290,12 @@ class Dispatcher:
         else:
             self.frames.reject(identity, ValueError(f"unexpected {type(msg).__name__}"))
 
-    async def _register(self, identity: bytes, msg: protocol.Register) -> None:
+    def _register(self, identity: bytes, msg: protocol.Register) -> None:
         if msg.version != protocol.PROTOCOL_VERSION:
             reason = f"protocol version {msg.version} not supported (gateway speaks " \
                      f"{protocol.PROTOCOL_VERSION})"
             logger.warning("rejecting worker {}: {}", msg.worker_id, reason)
-            await self._send(identity, protocol.Welcome(self.gateway_id, False, reason))
+            self._send(identity, protocol.Welcome(self.gateway_id, False, reason))
             return
         known = self.workers.get(identity)
         self.workers[identity] = Worker(
@@ -312,7 +306,7 @@ class Dispatcher:
         self.seen_models.update(m.name for m in msg.models)
         metrics.WORKERS.set(len(self.workers))
         logger.info("worker {} registered serving {}", msg.worker_id, [m.name for m in msg.models])
-        await self._send(identity, protocol.Welcome(self.gateway_id, True))
+        self._send(identity, protocol.Welcome(self.gateway_id, True))
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -322,7 +316,7 @@ class Dispatcher:
                 if now - worker.last_seen > 3 * self.heartbeat_s:
                     self._drop(identity, "silent for 3 heartbeats")
                 else:
-                    await self._send(identity, protocol.Heartbeat(sender_id=self.gateway_id))
+                    self._send(identity, protocol.Heartbeat(sender_id=self.gateway_id))
 
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)
@@ -348,7 +342,7 @@ class Dispatcher:
             else:
                 job.retried = True
                 logger.info("retrying {} on worker {}", rid, worker.worker_id)
-                asyncio.ensure_future(self._send_job(job, worker))
+                self._send_job(job, worker)
                 return
         job.queue.put_nowait(error or Error(request_id=rid, status=503,
                                             message="the worker serving this request died"))

@@ -1,14 +1,16 @@
-"""ZeroMQ helpers: sockets with sane options and a receive loop that never dies on bad frames."""
+"""ZeroMQ helpers: sockets with sane options, a loop-driven channel, tolerant decoding."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import threading
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 import msgspec
 import zmq
-import zmq.asyncio
 from loguru import logger
 
 from vdiff_common import protocol
@@ -40,8 +42,66 @@ def try_decode(frame: bytes, peer: bytes, counter: FrameCounter) -> protocol.Mes
         return None
 
 
-def make_context() -> zmq.asyncio.Context:
-    return zmq.asyncio.Context()
+def make_context() -> zmq.Context[zmq.Socket[bytes]]:
+    return zmq.Context()
+
+
+class Channel:
+    """A ZeroMQ socket driven by an asyncio loop, without a future per message: frames are
+    read as soon as the socket's file descriptor fires, and any thread may send (a worker's
+    engine thread sends its results itself instead of waking the loop to do it).
+
+    libzmq sockets are not thread-safe, so every use of the socket holds the lock.
+    """
+
+    BURST = 256  # frames read per wake-up before other callbacks get a turn
+
+    def __init__(self, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop,
+                 on_frames: Callable[[list[bytes]], None]) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.on_frames = on_frames
+        self._lock = threading.Lock()
+        self._loop_thread = threading.get_ident()
+        self._fd = sock.FD
+        loop.add_reader(self._fd, self._drain)
+        loop.call_soon(self._drain)  # what arrived before the reader was added
+
+    def _drain(self) -> None:
+        for _ in range(self.BURST):
+            with self._lock:
+                if self.sock.closed:
+                    return
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+            self.on_frames(frames)
+        self.loop.call_soon(self._drain)
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Queue a message without blocking; False when the socket refused or is closed."""
+        with self._lock:
+            if self.sock.closed:
+                return False
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.ZMQError as err:
+                logger.debug("zmq send failed: {}", err)
+                return False
+            # The fd is edge-like: a send may consume the signal of frames that arrived.
+            readable = bool(cast(int, self.sock.get(zmq.EVENTS)) & zmq.POLLIN)
+        if readable:
+            if threading.get_ident() == self._loop_thread:
+                self.loop.call_soon(self._drain)
+            else:
+                self.loop.call_soon_threadsafe(self._drain)
+        return True
+
+    def close(self) -> None:
+        self.loop.remove_reader(self._fd)
+        with self._lock:
+            self.sock.close(0)
 
 
 def is_loopback(address: str) -> bool:
@@ -58,8 +118,8 @@ def is_loopback(address: str) -> bool:
         return False  # "*", an interface or a host name
 
 
-def router(ctx: zmq.asyncio.Context, bind: str, curve: Keys | None = None,
-           ) -> zmq.asyncio.Socket:
+def router(ctx: zmq.Context[zmq.Socket[bytes]], bind: str, curve: Keys | None = None,
+           ) -> zmq.Socket[bytes]:
     """The gateway's socket; with `curve` a CURVE server (ZAP decides who may connect)."""
     sock = ctx.socket(zmq.ROUTER)
     if curve is not None:
@@ -73,8 +133,8 @@ def router(ctx: zmq.asyncio.Context, bind: str, curve: Keys | None = None,
     return sock
 
 
-def dealer(ctx: zmq.asyncio.Context, connect: str, identity: bytes,
-           curve: Keys | None = None) -> zmq.asyncio.Socket:
+def dealer(ctx: zmq.Context[zmq.Socket[bytes]], connect: str, identity: bytes,
+           curve: Keys | None = None) -> zmq.Socket[bytes]:
     """A worker's socket to one gateway; with `curve` a CURVE client of that gateway."""
     sock = ctx.socket(zmq.DEALER)
     if curve is not None:

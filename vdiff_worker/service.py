@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import zmq
-import zmq.asyncio
 from loguru import logger
 
 from vdiff_common import protocol, transport
@@ -33,7 +32,7 @@ class Link:
     """One connected gateway address."""
 
     address: str
-    sock: zmq.asyncio.Socket
+    chan: transport.Channel
     registered: bool = False
     last_heard: float = field(default_factory=time.monotonic)
 
@@ -73,18 +72,13 @@ class WorkerService:
 
     # ---- engine callback (engine thread) ------------------------------------------------
     def emit(self, reply_to: int, msg: protocol.Message) -> None:
-        assert self.loop is not None
-        self.loop.call_soon_threadsafe(self._send_index, reply_to, msg)
-
-    def _send_index(self, index: int, msg: protocol.Message) -> None:
-        if 0 <= index < len(self._by_index):
-            self._send(self._by_index[index], msg)
+        """Sent from the engine thread itself: a result does not wait for the event loop."""
+        if 0 <= reply_to < len(self._by_index):
+            self._send(self._by_index[reply_to], msg)
 
     def _send(self, link: Link, msg: protocol.Message) -> None:
-        try:
-            link.sock.send(protocol.encode(msg), flags=zmq.NOBLOCK)
-        except zmq.ZMQError as err:
-            logger.debug("send to {} failed: {}", link.address, err)
+        if not link.chan.send([protocol.encode(msg)]):
+            logger.debug("send to {} failed", link.address)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, drain_timeout: float) -> None:
@@ -108,18 +102,20 @@ class WorkerService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for link in self.links.values():
-            link.sock.close(0)
+            link.chan.close()
         self.ctx.term()
 
     def _refresh_links(self) -> None:
         wanted = [a for g in self.gateways for a in resolve(g)]
         for address in wanted:
             if address not in self.links:
+                assert self.loop is not None
                 sock = transport.dealer(self.ctx, address, self.worker_id.encode(), self.curve)
-                link = Link(address=address, sock=sock)
+                index = len(self._by_index)
+                chan = transport.Channel(sock, self.loop, functools.partial(self._on_frames, index))
+                link = Link(address=address, chan=chan)
                 self.links[address] = link
                 self._by_index.append(link)
-                self._tasks.append(asyncio.create_task(self._recv_loop(link)))
                 self._register(link)
                 logger.info("worker {} connecting to gateway {}", self.worker_id, address)
 
@@ -129,26 +125,28 @@ class WorkerService:
                                   capacity=self.engine.max_num_seqs + self.engine.max_queue_size,
                                   load=self.engine.load()))
 
-    # ---- loops ---------------------------------------------------------------------------
-    async def _recv_loop(self, link: Link) -> None:
-        index = self._by_index.index(link)
-        while True:
-            payload = await link.sock.recv()
-            msg = transport.try_decode(payload, link.address.encode(), self.frames)
-            if msg is None:
-                continue
-            link.last_heard = time.monotonic()
-            if isinstance(msg, Generate):
-                self.engine.submit(msg, index)
-            elif isinstance(msg, Abort):
-                self.engine.abort(msg.request_id)
-            elif isinstance(msg, Tokenize):
-                self._send(link, self._tokenize(msg))
-            elif isinstance(msg, Welcome):
-                self._welcome(link, msg)
-            elif not isinstance(msg, Heartbeat):
-                self.frames.reject(link.address.encode(),
-                                   ValueError(f"unexpected {type(msg).__name__}"))
+    # ---- receiving and loops -----------------------------------------------------------------
+    def _on_frames(self, index: int, frames: list[bytes]) -> None:
+        link = self._by_index[index]
+        for payload in frames:  # a gateway sends one frame per message
+            self._on_message(index, link, payload)
+
+    def _on_message(self, index: int, link: Link, payload: bytes) -> None:
+        msg = transport.try_decode(payload, link.address.encode(), self.frames)
+        if msg is None:
+            return
+        link.last_heard = time.monotonic()
+        if isinstance(msg, Generate):
+            self.engine.submit(msg, index)
+        elif isinstance(msg, Abort):
+            self.engine.abort(msg.request_id)
+        elif isinstance(msg, Tokenize):
+            self._send(link, self._tokenize(msg))
+        elif isinstance(msg, Welcome):
+            self._welcome(link, msg)
+        elif not isinstance(msg, Heartbeat):
+            self.frames.reject(link.address.encode(),
+                               ValueError(f"unexpected {type(msg).__name__}"))
 
     def _tokenize(self, msg: Tokenize) -> Tokens | Error:
         """Answered here, in the network thread: the tokenizer alone is cheap."""
