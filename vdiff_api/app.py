@@ -62,10 +62,10 @@ class _Usage:
         self.worker_s = max(self.worker_s, done.worker_s)
 
     def timing(self, access: Access) -> str:
-        """Server-Timing: the gateway's own time (HTTP in to job out, result in to response
-        out), the transport's (the rest of the round trip: sockets and the worker's network
-        side) and the worker's (job arrival to its last result)."""
-        total = time.perf_counter() - access.start
+        """Server-Timing: the gateway's own time (request in - its body read - to job out,
+        result in to response out), the transport's (the rest of the round trip: sockets and
+        the worker's network side) and the worker's (job arrival to its last result)."""
+        total = time.perf_counter() - (access.received or access.start)
         flight = access.trace.flight()
         gateway = max(0.0, total - flight)
         transport = max(0.0, flight - self.worker_s)
@@ -330,6 +330,7 @@ class Gateway:
             if total > limit:
                 raise APIError(413, f"request body is larger than {limit} bytes")
             chunks.append(part)
+        access_of(request).received = time.perf_counter()
         return b"".join(chunks)
 
     def _model(self, name: str | None) -> ModelInfo:
@@ -350,39 +351,36 @@ class Gateway:
 
     async def _results(self, the_plan: Plan, access: Access,
                        ) -> AsyncGenerator[tuple[int, Result], None]:
-        """Merge the result streams of all jobs; yields (global choice index, message)."""
-        queue: asyncio.Queue[tuple[int, Result] | None] = asyncio.Queue()
-
-        async def pump(k: int) -> None:
-            try:
-                async for msg in self.dispatcher.submit(the_plan.jobs[k], access.trace):
-                    index = k * the_plan.n + (0 if isinstance(msg, Error) else msg.index)
-                    await queue.put((index, msg))
-            except NoWorker as err:
-                await queue.put((0, Error(the_plan.jobs[k].request_id, err.status, err.message)))
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(k)) for k in range(len(the_plan.jobs))]
-        open_jobs = len(tasks)
+        """Merge the results of all jobs; yields (global choice index, message) until every
+        choice is done or an Error arrives. Results are put on the queue by the dispatcher
+        as they come off the socket: no task per job between them and this generator."""
+        queue: asyncio.Queue[tuple[int, Result]] = asyncio.Queue()
+        started: list[str] = []
         self.active += 1
         metrics.ACTIVE.inc()
         try:
-            while open_jobs:
+            for k, job in enumerate(the_plan.jobs):
+                def deliver(msg: Result, k: int = k) -> None:
+                    queue.put_nowait((k * the_plan.n + (0 if isinstance(msg, Error)
+                                                        else msg.index), msg))
+                try:
+                    started.append(self.dispatcher.dispatch(job, access.trace, deliver))
+                except NoWorker as err:
+                    yield 0, Error(job.request_id, err.status, err.message)
+                    return
+            remaining = len(the_plan.jobs) * the_plan.n
+            while remaining:
                 item = await queue.get()
-                if item is None:
-                    open_jobs -= 1
-                    continue
                 yield item
                 if isinstance(item[1], Error):
                     return
+                if isinstance(item[1], Done):
+                    remaining -= 1
         finally:
-            # Synchronous first: a cancelled caller may not get past the next await.
-            for t in tasks:
-                t.cancel()
+            for rid in started:
+                self.dispatcher.finish(rid)  # aborts what is still running: the client left
             self.active -= 1
             metrics.ACTIVE.dec()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     def _account(self, access: Access, the_plan: Plan, usage: _Usage, start: float,
                  status: int) -> None:

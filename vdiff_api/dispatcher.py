@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +74,7 @@ class Trace:
 @dataclass
 class Job:
     msg: Generate
-    queue: asyncio.Queue[Result]
+    deliver: Callable[[Result], None]  # called on the event loop with each result
     trace: Trace
     worker: bytes | None = None
     started: bool = False
@@ -188,25 +188,21 @@ class Dispatcher:
             request_id = f"{request_id}.{uuid.uuid4().hex[:6]}"
         return request_id
 
-    async def submit(self, msg: Generate, trace: Trace) -> AsyncIterator[Result]:
-        """Send a job; yield its chunks until every choice is Done or an Error arrives."""
+    def dispatch(self, msg: Generate, trace: Trace, deliver: Callable[[Result], None],
+                 ) -> str:
+        """Send a job (raises NoWorker when none can take it); `deliver` gets its results,
+        straight from the socket, until every choice is Done or an Error ends it. Returns
+        the job's id for `finish`."""
         worker = self._pick(msg.model)
         msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.jobs))
-        job = Job(msg=msg, queue=asyncio.Queue(), trace=trace, open_choices=msg.n)
+        job = Job(msg=msg, deliver=deliver, trace=trace, open_choices=msg.n)
         self.jobs[msg.request_id] = job
         self._send_job(job, worker)
-        try:
-            while True:
-                result = await job.queue.get()
-                yield result
-                if isinstance(result, Error):
-                    return
-                if isinstance(result, Done):
-                    job.open_choices -= 1
-                    if job.open_choices == 0:
-                        return
-        finally:
-            self._finish(msg.request_id, abort=job.open_choices > 0)
+        return msg.request_id
+
+    def finish(self, request_id: str) -> None:
+        """The caller stops listening: a job still running is aborted on its worker."""
+        self._end(request_id, abort=True)
 
     async def call(self, msg: Tokenize, trace: Trace) -> Tokens | Error:
         """A one-shot request: the least-loaded live worker serving the model answers it
@@ -230,7 +226,7 @@ class Dispatcher:
         if job.trace.sent is None:
             job.trace.sent = time.perf_counter()
 
-    def _finish(self, request_id: str, abort: bool) -> None:
+    def _end(self, request_id: str, abort: bool) -> None:
         job = self.jobs.pop(request_id, None)
         if job is None or job.worker is None:
             return
@@ -282,7 +278,7 @@ class Dispatcher:
                 return
             job.started = job.started or isinstance(msg, (Chunk, Done))
             job.trace.answered = time.perf_counter()
-            job.queue.put_nowait(msg)
+            self._deliver(job, msg)
         elif isinstance(msg, protocol.Goodbye):
             if worker is not None:
                 logger.info("worker {} says goodbye; no new work goes to it", worker.worker_id)
@@ -344,5 +340,12 @@ class Dispatcher:
                 logger.info("retrying {} on worker {}", rid, worker.worker_id)
                 self._send_job(job, worker)
                 return
-        job.queue.put_nowait(error or Error(request_id=rid, status=503,
-                                            message="the worker serving this request died"))
+        self._deliver(job, error or Error(request_id=rid, status=503,
+                                          message="the worker serving this request died"))
+
+    def _deliver(self, job: Job, msg: Result) -> None:
+        if isinstance(msg, Done):
+            job.open_choices -= 1
+        if isinstance(msg, Error) or job.open_choices == 0:
+            self._end(job.msg.request_id, abort=False)
+        job.deliver(msg)

@@ -38,6 +38,7 @@ class Access:
     client: str
     who: str  # rate-limit identity: "key:<fingerprint>" or "ip:<address>"
     start: float = field(default_factory=time.perf_counter)
+    received: float | None = None  # when the whole body was in (a client may send it late)
     status: int = 0
     model: str = ""
     prompt_tokens: int = 0

@@ -25,7 +25,8 @@ REJECTED_FRAMES = Counter("vdiff_rejected_frames", "ZeroMQ frames that failed to
 _OVERHEAD = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
 GATEWAY_OVERHEAD = Histogram(
     "vdiff_gateway_overhead_seconds",
-    "The gateway's own time per request: HTTP in to job out plus result in to response out",
+    "The gateway's own time per request: request read to job out plus result in to response "
+    "out",
     buckets=_OVERHEAD)
 TRANSPORT_OVERHEAD = Histogram(
     "vdiff_transport_overhead_seconds",
