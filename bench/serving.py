@@ -6,6 +6,11 @@
 Prompts come from the task suite (bench.tasks) or a JSONL file with a "prompt" field per line.
 Fixed concurrency keeps N requests in flight; --request-rate sends a Poisson stream instead.
 Prints a table, writes JSON (and PNG latency plots when matplotlib is installed).
+
+Non-streaming responses carry the server's `Server-Timing`; from it the report splits what
+serving adds around the worker's own time: `gateway` (request read to job out, result in to
+response out), `transport` (sockets both ways and the worker's network side) and `added`
+(the client's latency less the worker's time: all of the above plus HTTP and the client).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Sample:
     forward_passes: int = 0
     gateway_s: float | None = None  # from the Server-Timing header (non-streaming)
     transport_s: float | None = None
+    worker_s: float | None = None
 
 
 @dataclass
@@ -50,6 +56,8 @@ class Report:
     ttfc_s: dict[str, float] = field(default_factory=dict)
     gateway_overhead_s: dict[str, float] = field(default_factory=dict)
     transport_overhead_s: dict[str, float] = field(default_factory=dict)
+    # Client-seen latency less the worker's time: everything serving adds, HTTP included.
+    outside_worker_s: dict[str, float] = field(default_factory=dict)
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -95,7 +103,7 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> 
             timing = r.headers.get("server-timing", "")
             return Sample(True, "200", latency, None, usage["completion_tokens"],
                           usage.get("forward_passes", 0), server_timing(timing, "gateway"),
-                          server_timing(timing, "transport"))
+                          server_timing(timing, "transport"), server_timing(timing, "worker"))
         ttfc, usage, errored = None, {}, False
         async with client.stream("POST", url, json={
                 **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
@@ -170,7 +178,9 @@ async def run(args: argparse.Namespace) -> Report:
         ttfc_s=percentiles([s.ttfc for s in good if s.ttfc is not None]),
         gateway_overhead_s=percentiles([s.gateway_s for s in good if s.gateway_s is not None]),
         transport_overhead_s=percentiles([s.transport_s for s in good
-                                          if s.transport_s is not None]))
+                                          if s.transport_s is not None]),
+        outside_worker_s=percentiles([s.latency - s.worker_s for s in good
+                                      if s.worker_s is not None]))
 
 
 def show(report: Report) -> str:
@@ -181,7 +191,8 @@ def show(report: Report) -> str:
              f"errors {report.errors or 'none'}"]
     for name, stats in (("latency", report.latency_s), ("ttfc", report.ttfc_s),
                         ("gateway", report.gateway_overhead_s),
-                        ("transport", report.transport_overhead_s)):
+                        ("transport", report.transport_overhead_s),
+                        ("added", report.outside_worker_s)):
         if stats:
             lines.append(f"{name:9s} " + "  ".join(f"{k} {v * 1000:.2f}ms"
                                                   for k, v in stats.items()))

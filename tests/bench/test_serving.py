@@ -23,6 +23,7 @@ def test_serving_benchmark_streaming_and_not(llada_server: Server, tmp_path: Pat
         # Non-streaming responses carry Server-Timing: the gateway's own share is reported.
         assert bool(report["gateway_overhead_s"]) == (stream == "--no-stream")
         assert bool(report["transport_overhead_s"]) == (stream == "--no-stream")
+        assert bool(report["outside_worker_s"]) == (stream == "--no-stream")
 
 
 def test_poisson_arrivals(llada_server: Server, tmp_path: Path) -> None:
