@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from bench import serving
 from bench.common import GOLDEN, RESULTS, ROOT
 from bench.serving import Sample, one
 from tests.conftest import Proc, free_port, spawn, wait_ready
@@ -269,6 +270,27 @@ def schema_phase(tmp: Path, examples: int) -> dict[str, Any]:
             "ok": out.returncode == 0 and alive == 200}
 
 
+def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
+    """What serving adds around the worker's time, one request at a time (vdiff-bench).
+    Reported against the 1 ms target, not gated on: a timing is a figure, not a check."""
+    stack = Stack(tmp / "overhead")
+    out = tmp / "overhead.json"
+    command = ["--base-url", stack.base, "--no-stream", "--concurrency", "1", "--max-tokens",
+               "8", "--num-prompts", str(n), "--output", str(out)]
+    try:
+        serving.main(command)
+    finally:
+        stack.close()
+    report = json.loads(out.read_text())
+    ms = {name: {k: round(report[key][k] * 1000, 3) for k in ("p50", "p90")}
+          for name, key in (("gateway", "gateway_overhead_s"),
+                            ("transport", "transport_overhead_s"),
+                            ("added", "outside_worker_s"))}
+    return {"command": "vdiff-bench " + " ".join(command[2:-2]), "requests": n,
+            "errors": report["errors"], "ms": ms,
+            "target_met": ms["gateway"]["p50"] <= 1.0, "ok": not report["errors"]}
+
+
 def markdown(report: dict[str, Any], command: str) -> str:
     load = report["load"]
     lines = ["# Reliability", "", f"Last run: `{command}` ({report['date']}).", "",
@@ -286,6 +308,16 @@ def markdown(report: dict[str, Any], command: str) -> str:
     schema = report["schema"]
     lines += ["", "## Schema fuzzing", "", f"schemathesis: {schema['summary']} "
               f"(worker serving afterwards: {schema['status']}, ok: {schema['ok']})"]
+    over = report["overhead"]
+    lines += ["", "## Gateway overhead", "",
+              f"`{over['command']}` against a gateway and one LLaDA-tiny worker "
+              f"({over['requests']} requests; target: gateway p50 <= 1 ms, met: "
+              f"{over['target_met']}). Gateway: request read to job out plus result in to "
+              "response out; transport: the rest of the round trip outside the worker; "
+              "added: the client's latency less the worker's time (HTTP and the client "
+              "included).", "", "| share | p50 ms | p90 ms |", "|---|---|---|"]
+    for name, row in over["ms"].items():
+        lines.append(f"| {name} | {row['p50']} | {row['p90']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -308,8 +340,11 @@ def main() -> None:
             print("hostile", json.dumps(row))
         report["schema"] = schema_phase(Path(tmp), examples)
         print("schema", json.dumps(report["schema"]))
+        report["overhead"] = overhead_phase(Path(tmp), 50 if args.quick else 300)
+        print("overhead", json.dumps(report["overhead"]))
     report["ok"] = (report["load"]["ok"] and all(r["ok"] for r in report["faults"])
-                    and all(r["ok"] for r in report["hostile"]) and report["schema"]["ok"])
+                    and all(r["ok"] for r in report["hostile"]) and report["schema"]["ok"]
+                    and report["overhead"]["ok"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))
     if not args.quick:
