@@ -288,7 +288,8 @@ class Gateway:
             return err.response()
         access.model = the_plan.model
         start = time.perf_counter()
-        results = self._results(the_plan, access)
+        # A stream watches for the client leaving in _until_disconnect; a plain request here.
+        results = self._results(the_plan, access, None if the_plan.stream else request)
         first = await anext(results)
         if isinstance(first[1], Error):
             await results.aclose()
@@ -349,15 +350,25 @@ class Gateway:
             raise APIError(503, f"no worker serving model '{name}' is available", param="model")
         raise APIError(404, f"The model '{name}' does not exist.", param="model")
 
-    async def _results(self, the_plan: Plan, access: Access,
+    async def _results(self, the_plan: Plan, access: Access, watch: Request | None = None,
                        ) -> AsyncGenerator[tuple[int, Result], None]:
         """Merge the results of all jobs; yields (global choice index, message) until every
         choice is done or an Error arrives. Results are put on the queue by the dispatcher
-        as they come off the socket: no task per job between them and this generator."""
+        as they come off the socket: no task per job between them and this generator.
+        With `watch`, the client closing its connection ends it with a 499 Error (and the
+        jobs are aborted on their workers)."""
         queue: asyncio.Queue[tuple[int, Result]] = asyncio.Queue()
         started: list[str] = []
         self.active += 1
         metrics.ACTIVE.inc()
+
+        async def disconnect(request: Request) -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            queue.put_nowait((0, Error(access.request_id, 499, "the client closed the "
+                                                                "connection")))
+
+        gone = asyncio.ensure_future(disconnect(watch)) if watch is not None else None
         try:
             for k, job in enumerate(the_plan.jobs):
                 def deliver(msg: Result, k: int = k) -> None:
@@ -377,6 +388,8 @@ class Gateway:
                 if isinstance(item[1], Done):
                     remaining -= 1
         finally:
+            if gone is not None:
+                gone.cancel()
             for rid in started:
                 self.dispatcher.finish(rid)  # aborts what is still running: the client left
             self.active -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,22 @@ def test_aborted_stream_frees_its_slot(server: Server) -> None:
             "diffusion_steps": 480, "block_length": 8, "stream": True, "eos_early_stop": False}
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
+        assert _wait(lambda: _stats(server)["running"] == 1)
+    assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0,
+                 timeout=2.0)
+    assert _active(server) == 0
+
+
+def test_abandoned_request_frees_its_slot(server: Server) -> None:
+    # The same, without streaming: nothing is written until the answer, so only the
+    # connection closing (which the server reads) can tell the gateway the client left.
+    body = json.dumps({"model": "llada-tiny", "prompt": PROMPTS[0], "max_tokens": 480,
+                       "diffusion_steps": 480, "block_length": 8,
+                       "eos_early_stop": False}).encode()
+    host, port = server.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         assert _wait(lambda: _stats(server)["running"] == 1)
     assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0,
                  timeout=2.0)
