@@ -410,18 +410,21 @@ class Gateway:
         access.completion_tokens = usage.completion
 
     async def _collect(self, access: Access, the_plan: Plan, start: float, chat: bool,
-                       results: AsyncIterator[tuple[int, Result]]) -> Response:
+                       results: AsyncGenerator[tuple[int, Result], None]) -> Response:
         choices = [_Choice() for _ in range(len(the_plan.jobs) * the_plan.n)]
         usage = _Usage()
-        async for index, msg in results:
-            if isinstance(msg, Error):
-                self._account(access, the_plan, usage, start, msg.status)
-                return APIError(msg.status, msg.message, msg.param).response()
-            choices[index].text += msg.text
-            choices[index].token_ids += msg.token_ids
-            if isinstance(msg, Done):
-                choices[index].finish_reason = msg.finish_reason
-                usage.add(msg)
+        try:
+            async for index, msg in results:
+                if isinstance(msg, Error):
+                    self._account(access, the_plan, usage, start, msg.status)
+                    return APIError(msg.status, msg.message, msg.param).response()
+                choices[index].text += msg.text
+                choices[index].token_ids += msg.token_ids
+                if isinstance(msg, Done):
+                    choices[index].finish_reason = msg.finish_reason
+                    usage.add(msg)
+        finally:
+            await results.aclose()  # now, not when collected: it ends the jobs and the watch
         self._account(access, the_plan, usage, start, 200)
         out = []
         for i, c in enumerate(choices):
