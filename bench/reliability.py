@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from bench import serving
+from bench import overhead, serving
 from bench.common import GOLDEN, RESULTS, ROOT
 from bench.serving import Sample, one
 from tests.conftest import Proc, free_port, spawn, wait_ready
@@ -286,8 +286,9 @@ def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
           for name, key in (("gateway", "gateway_overhead_s"),
                             ("transport", "transport_overhead_s"),
                             ("added", "outside_worker_s"))}
+    tier = overhead.main(["--requests", str(n)])
     return {"command": "vdiff-bench " + " ".join(command[2:-2]), "requests": n,
-            "errors": report["errors"], "ms": ms,
+            "errors": report["errors"], "ms": ms, "tier": tier,
             "target_met": ms["gateway"]["p50"] <= 1.0, "ok": not report["errors"]}
 
 
@@ -318,6 +319,20 @@ def markdown(report: dict[str, Any], command: str) -> str:
               "included).", "", "| share | p50 ms | p90 ms |", "|---|---|---|"]
     for name, row in over["ms"].items():
         lines.append(f"| {name} | {row['p50']} | {row['p90']} |")
+    tier = over["tier"]
+    lines += ["", f"`{tier['command']}`: the same worker answers each request directly over "
+              "ZeroMQ and through the gateway's HTTP API, alternating; *outside worker* is "
+              "latency less the worker's own time; *hop* is a GET /health/live after the gateway "
+              "sat idle as long as the worker computed (raw-socket client, no HTTP library).",
+              "", "| path | requests | latency p50 ms | outside worker p50 ms | "
+              "outside worker p90 ms |", "|---|---|---|---|---|"]
+    for row in tier["rows"]:
+        lines.append(f"| {row['path']} | {row['requests']} | {row['latency p50 ms']:.3f} | "
+                     f"{row['outside worker p50 ms']:.3f} | {row['outside worker p90 ms']:.3f} |")
+    lines += ["", f"Added by the gateway tier (http less direct): p50 "
+              f"{tier['added_ms']['p50']:.3f} ms, p90 {tier['added_ms']['p90']:.3f} ms; of it "
+              f"the gateway's own time p50 {tier['gateway_ms']['p50']:.3f} ms, and a hop that "
+              f"does nothing costs p50 {tier['hop_ms']['p50']:.3f} ms."]
     return "\n".join(lines) + "\n"
 
 
