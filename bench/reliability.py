@@ -23,13 +23,17 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
+import msgspec
+import zmq
 
 from bench import overhead, serving
 from bench.common import GOLDEN, RESULTS, ROOT
 from bench.serving import Sample, one
 from tests.conftest import Proc, free_port, spawn, wait_ready
+from vdiff_common import protocol
 
 MODEL = str(GOLDEN / "llada-tiny")
 PROMPT = "What is 24 + 1?"
@@ -216,6 +220,57 @@ def gateway_sigterm(tmp: Path) -> dict[str, Any]:
             "ok": code == 0 and set(codes) <= ok_codes and codes["200"] > 0}
 
 
+def rejected_frames(base: str) -> float:
+    """The gateway's count of ZeroMQ frames it refused to decode."""
+    text = httpx.get(base + "/metrics").text
+    found = re.search(r"^vdiff_rejected_frames_total (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def send_hostile_frames(address: str) -> tuple[int, protocol.Message | None]:
+    """Garbage, truncated, wrongly typed, unknown, multi-part and large frames, then a Register
+    of a future protocol version, then a frame over the size limit, to a gateway's ZeroMQ
+    port. Returns how many the gateway should count as refused and its answer to the Register
+    (the frame over the limit makes ZeroMQ drop the sender before the gateway sees it)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"intruder")
+    sock.connect(address)
+    frames = [b"", b"\xff\x00garbage", msgspec.msgpack.encode({"type": "Nope"}),
+              protocol.encode(protocol.Heartbeat("x"))[:-2],  # truncated
+              msgspec.msgpack.encode({"type": "Chunk", "request_id": 1}),  # wrong types
+              b"x" * 2_000_000]
+    try:
+        for f in frames:
+            sock.send(f)
+        sock.send_multipart([b"two", b"parts"])
+        sock.send(protocol.encode(protocol.Register(
+            version=protocol.PROTOCOL_VERSION + 1, worker_id="future", capacity=1,
+            models=[protocol.ModelInfo("evil", 10)])))
+        answer = protocol.decode(sock.recv()) if sock.poll(5000) else None
+        sock.send(b"y" * (65 * 1024 * 1024))
+    finally:
+        sock.close()
+        ctx.term()
+    return len(frames) + 1, answer
+
+
+def frames_case(stack: Stack) -> dict[str, Any]:
+    before = rejected_frames(stack.base)
+    expected, answer = send_hostile_frames(stack.zmq)
+    deadline = time.monotonic() + 5
+    while rejected_frames(stack.base) - before < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    counted = rejected_frames(stack.base) - before
+    refused = isinstance(answer, protocol.Welcome) and not answer.accepted
+    workers = [w["id"] for w in httpx.get(stack.base + "/health").json()["workers"]]
+    return {"case": "ZeroMQ port: garbage, truncated, wrong-type, oversized, wrong-version "
+                    "frames", "status": f"{counted:.0f} of {expected} counted, version "
+                                        f"{'refused' if refused else 'NOT refused'}",
+            "ok": counted == expected and refused and "future" not in workers}
+
+
 def hostile_phase(tmp: Path) -> list[dict[str, Any]]:
     stack = Stack(tmp / "hostile")
     url = stack.base + "/v1/completions"
@@ -239,12 +294,32 @@ def hostile_phase(tmp: Path) -> list[dict[str, Any]]:
                            headers={"content-type": "application/json"})
             rows.append({"case": name, "status": r.status_code,
                          "ok": r.status_code in want and "error" in r.json()})
+        rows.append(frames_case(stack))
         alive = httpx.post(url, timeout=60, json={"model": "llada-tiny", "prompt": PROMPT,
                                                   "max_tokens": 8}).status_code
         rows.append({"case": "still serving afterwards", "status": alive, "ok": alive == 200})
     finally:
         stack.close()
     return rows
+
+
+SECURITY = ("tests/e2e/test_gateway_auth.py", "tests/e2e/test_gateway_curve.py",
+            "tests/common/test_no_unpickling.py")
+
+
+def security_phase(tmp: Path) -> list[dict[str, Any]]:
+    """The security tests (API keys on every /v1 route, CURVE admission, no unpickling, no key
+    in the logs), run here so that one report holds every figure; `make test` runs them too."""
+    report = tmp / "security.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={report}", *SECURITY], cwd=ROOT, capture_output=True,
+                   timeout=900)
+    rows = []
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        failed = any(child.tag in ("failure", "error", "skipped") for child in case)
+        rows.append({"case": f"{case.get('classname', '').rsplit('.', 1)[-1]}::"
+                             f"{case.get('name')}", "ok": not failed})
+    return rows or [{"case": "security tests", "ok": False}]
 
 
 def schema_phase(tmp: Path, examples: int) -> dict[str, Any]:
@@ -306,6 +381,10 @@ def markdown(report: dict[str, Any], command: str) -> str:
     lines += ["", "## Hostile input", "", "| case | status | ok |", "|---|---|---|"]
     for row in report["hostile"]:
         lines.append(f"| {row['case']} | {row['status']} | {row['ok']} |")
+    lines += ["", "## Security", "", f"`pytest {' '.join(SECURITY)}`", "", "| test | ok |",
+              "|---|---|"]
+    for row in report["security"]:
+        lines.append(f"| {row['case']} | {row['ok']} |")
     schema = report["schema"]
     lines += ["", "## Schema fuzzing", "", f"schemathesis: {schema['summary']} "
               f"(worker serving afterwards: {schema['status']}, ok: {schema['ok']})"]
@@ -353,12 +432,17 @@ def main() -> None:
         report["hostile"] = hostile_phase(Path(tmp))
         for row in report["hostile"]:
             print("hostile", json.dumps(row))
+        if not args.quick:  # in CI, `make test` runs these tests already
+            report["security"] = security_phase(Path(tmp))
+            for row in report["security"]:
+                print("security", json.dumps(row))
         report["schema"] = schema_phase(Path(tmp), examples)
         print("schema", json.dumps(report["schema"]))
         report["overhead"] = overhead_phase(Path(tmp), 50 if args.quick else 300)
         print("overhead", json.dumps(report["overhead"]))
     report["ok"] = (report["load"]["ok"] and all(r["ok"] for r in report["faults"])
                     and all(r["ok"] for r in report["hostile"]) and report["schema"]["ok"]
+                    and all(r["ok"] for r in report.get("security", []))
                     and report["overhead"]["ok"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))

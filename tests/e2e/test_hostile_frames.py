@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import time
 
 import httpx
-import msgspec
-import zmq
 
+from bench.reliability import rejected_frames, send_hostile_frames
 from tests.conftest import Server
 from vdiff_common import protocol
-
-
-def _rejected(s: Server) -> float:
-    text = httpx.get(s.base + "/metrics").text
-    found = re.search(r"^vdiff_rejected_frames_total (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def _workers(s: Server) -> list[str]:
@@ -24,36 +16,17 @@ def _workers(s: Server) -> list[str]:
 
 
 def test_bad_frames_are_refused_and_counted(llada_server: Server) -> None:
-    before = _rejected(llada_server)
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"intruder")
-    sock.connect(llada_server.zmq)
-    frames = [b"", b"\xff\x00garbage", msgspec.msgpack.encode({"type": "Nope"}),
-              protocol.encode(protocol.Heartbeat("x"))[:-2],  # truncated
-              msgspec.msgpack.encode({"type": "Chunk", "request_id": 1}),  # wrong types
-              b"x" * 2_000_000]
-    for f in frames:
-        sock.send(f)
-    sock.send_multipart([b"two", b"parts"])
+    before = rejected_frames(llada_server.base)
+    expected, welcome = send_hostile_frames(llada_server.zmq)
     # A worker speaking another protocol version is answered, not registered.
-    sock.send(protocol.encode(protocol.Register(
-        version=protocol.PROTOCOL_VERSION + 1, worker_id="future", capacity=1,
-        models=[protocol.ModelInfo("evil", 10)])))
-    assert sock.poll(5000)
-    welcome = protocol.decode(sock.recv())
     assert isinstance(welcome, protocol.Welcome) and not welcome.accepted
     assert "protocol version" in welcome.reason
     deadline = time.monotonic() + 5
-    while _rejected(llada_server) - before < len(frames) + 1 and time.monotonic() < deadline:
+    while rejected_frames(llada_server.base) - before < expected and \
+            time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _rejected(llada_server) - before == len(frames) + 1
+    assert rejected_frames(llada_server.base) - before == expected == 7
     assert "future" not in _workers(llada_server)
-    # A frame over the size limit makes ZeroMQ drop the sender; nothing reaches the gateway.
-    sock.send(b"y" * (65 * 1024 * 1024))
-    sock.close()
-    ctx.term()
     r = httpx.post(llada_server.url + "/completions", timeout=60,
                    json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8})
     assert r.status_code == 200
