@@ -155,7 +155,7 @@ class Gateway:
             ],
             lifespan=self._lifespan,
         )
-        self.app = FrontDoor(self.starlette, self.policy)
+        self.app = FrontDoor(self.starlette, self.policy, lambda: self.draining)
         self.spec = openapi.spec(self.starlette.routes, __version__, self.policy.needs_key)
 
     @contextlib.asynccontextmanager

@@ -8,6 +8,7 @@ import ipaddress
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,9 +105,14 @@ class Policy:
 
 
 class FrontDoor:
-    def __init__(self, app: ASGIApp, policy: Policy) -> None:
+    def __init__(self, app: ASGIApp, policy: Policy,
+                 draining: Callable[[], bool] = lambda: False) -> None:
         self.app = app
         self.policy = policy
+        # While draining every answer closes its connection: a client's next request then
+        # opens a new one and gets a clear 503 (or a refused connect once the listener is
+        # gone), never a keep-alive connection closed under a request it just sent.
+        self.draining = draining
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -133,7 +139,9 @@ class FrontDoor:
         async def reply(message: Message) -> None:
             if message["type"] == "http.response.start":
                 access.status = access.status or message["status"]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                closing = [(b"connection", b"close")] if self.draining() else []
+                message = {**message, "headers": [*message.get("headers", []), *extra,
+                                                  *closing]}
             elif not message.get("more_body", False):
                 settle()  # before the client can see the end and send its next request
             await send(message)

@@ -52,6 +52,7 @@ def test_sigterm_drains_the_allinone_server(tmp_path: Path) -> None:
         assert refused.status_code == 503
         assert refused.json()["error"]["type"] == "service_unavailable"
         assert refused.headers["retry-after"]
+        assert refused.headers["connection"] == "close"  # no keep-alive to close under a client
         assert not events or events[-1] != "data: [DONE]", "the stream was too short to test"
     finally:
         reader.join(timeout=120)
