@@ -76,7 +76,7 @@ def request_bytes(body: bytes, port: int) -> bytes:
             % (port, len(body), body))
 
 
-async def floor(http: HTTP, port: int, idle: float) -> float:
+async def hop(http: HTTP, port: int, idle: float) -> float:
     """An HTTP round trip to the gateway that does nothing (GET /health/live), after the
     gateway sat idle for as long as a worker computes: the price of the hop itself."""
     await asyncio.sleep(idle)
@@ -154,11 +154,11 @@ async def measure(port: int, zmq_port: int, n: int, max_tokens: int,
                                  await via_http(http, request_bytes(body, port)))
                 if got["direct"][1] != got["http"][1]:
                     raise RuntimeError(f"the paths answered differently: {got}")
-                hop = Sample(await floor(http, port, got["direct"][0].worker))
+                idle = Sample(await hop(http, port, got["direct"][0].worker))
                 if i >= WARMUP:
                     for path, (sample, _) in got.items():
                         rows[path].append(sample)
-                    rows["hop"].append(hop)
+                    rows["hop"].append(idle)
         finally:
             await http.close()
     finally:
@@ -223,12 +223,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {"command": " ".join(["python -m bench.overhead", *given]),
               "max_tokens": args.max_tokens, **summarise(rows)}
     print(table(report["rows"]))
-    added, hop, gw = report["added_ms"], report["hop_ms"], report["gateway_ms"]
+    added, idle, gw = report["added_ms"], report["hop_ms"], report["gateway_ms"]
     print(f"gateway's own time (Server-Timing): p50 {gw['p50']:.3f} ms, p90 {gw['p90']:.3f} ms "
           f"(target <= 1 ms at p50: {'met' if report['target_met'] else 'not met'})")
     print(f"added by the gateway tier (http less direct, outside the worker): p50 "
           f"{added['p50']:.3f} ms, p90 {added['p90']:.3f} ms; an HTTP round trip that does "
-          f"nothing, after the same idle gap: p50 {hop['p50']:.3f} ms")
+          f"nothing, after the same idle gap: p50 {idle['p50']:.3f} ms")
     print(f"end-to-end latency ratio http/direct {report['latency_ratio_http_to_direct']:.3f}")
     print(f"wrote {write_json('overhead', report)}")
     return report
