@@ -256,13 +256,19 @@ def send_hostile_frames(address: str) -> tuple[int, protocol.Message | None]:
     return len(frames) + 1, answer
 
 
-def frames_case(stack: Stack) -> dict[str, Any]:
-    before = rejected_frames(stack.base)
-    expected, answer = send_hostile_frames(stack.zmq)
+def refused_frames(base: str, address: str) -> tuple[int, float, protocol.Message | None]:
+    """send_hostile_frames to the gateway at `address`, then wait (up to 5 s) for its count:
+    (frames it should refuse, frames it counted as refused, its answer to the Register)."""
+    before = rejected_frames(base)
+    expected, answer = send_hostile_frames(address)
     deadline = time.monotonic() + 5
-    while rejected_frames(stack.base) - before < expected and time.monotonic() < deadline:
+    while rejected_frames(base) - before < expected and time.monotonic() < deadline:
         time.sleep(0.05)
-    counted = rejected_frames(stack.base) - before
+    return expected, rejected_frames(base) - before, answer
+
+
+def frames_case(stack: Stack) -> dict[str, Any]:
+    expected, counted, answer = refused_frames(stack.base, stack.zmq)
     refused = isinstance(answer, protocol.Welcome) and not answer.accepted
     workers = [w["id"] for w in httpx.get(stack.base + "/health").json()["workers"]]
     return {"case": "ZeroMQ port: garbage, truncated, wrong-type, oversized, wrong-version "
