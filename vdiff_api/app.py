@@ -216,7 +216,8 @@ class Gateway:
                     "inflight": len(w.inflight), "capacity": w.capacity,
                     "steps_per_s": w.load.steps_per_s,
                     "tokens_per_forward": w.load.tokens_per_forward,
-                    "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max}}
+                    "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max},
+                    "model_calls": w.load.model_calls, "model_rows": w.load.model_rows}
                    for w in self.dispatcher.workers.values()]
         return JSONResponse({"workers": workers})
 

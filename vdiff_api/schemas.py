@@ -26,7 +26,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_completion_tokens: PosInt | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1, lt=1 << 31)] = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, lt=1 << 31)] | None = None
     n: Annotated[int, msgspec.Meta(ge=1, le=16)] = 1
     seed: Seed | None = None
     stop: str | list[str] | None = None

@@ -17,6 +17,8 @@ class Load(msgspec.Struct, frozen=True):
     tokens_per_forward: float = 0.0
     batch_mean: float = 0.0
     batch_max: int = 0
+    model_calls: int = 0  # calls into the model since the worker started
+    model_rows: int = 0  # rows (sequences) those calls carried
 
 
 class ModelInfo(msgspec.Struct, frozen=True):
@@ -50,7 +52,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int | None = None  # None: the sampler's own default (off; 50 for Dream's)
     seed: int | None = None
     stop: list[str] = []
     stop_token_ids: list[int] = []

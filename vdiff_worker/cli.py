@@ -44,8 +44,10 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     config.add(g, "--block-size", default=32, type=int, help="default semi-AR block length")
     config.add(g, "--max-tokens", default=128, type=int,
                help="default generation canvas when a request sets no max_tokens")
-    config.add(g, "--decoding", default="reference",
-               choices=["reference", "threshold", "factor", "apd"], help="default strategy")
+    config.add(g, "--decoding", default=None,
+               choices=["reference", "threshold", "factor", "apd"],
+               help="default strategy (default: fast: threshold with the dual cache for LLaDA "
+                    "and Dream, reference for the others; with --disable-apd: reference)")
     config.add(g, "--apd-threshold", default=0.9, type=float,
                help="default confidence threshold of decoding 'threshold' (Fast-dLLM)")
     config.add(g, "--apd-max-parallel", default=None, type=int,
@@ -164,7 +166,8 @@ async def serve(args: argparse.Namespace) -> int:
     import torch
 
     from vdiff_worker import accel
-    from vdiff_worker.engine import Defaults, Engine
+    from vdiff_worker.admission import Defaults
+    from vdiff_worker.engine import Engine
     from vdiff_worker.metrics import WorkerMetrics
     from vdiff_worker.metrics import serve as serve_metrics
     from vdiff_worker.models.errors import CheckpointError
@@ -206,7 +209,8 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     name = args.served_model_name or loaded.name
     defaults = Defaults(max_tokens=args.max_tokens, diffusion_steps=args.diffusion_steps,
-                        block_length=args.block_size, decoding=args.decoding,
+                        block_length=args.block_size,
+                        decoding=args.decoding or ("reference" if args.disable_apd else None),
                         threshold=args.apd_threshold, max_parallel=args.apd_max_parallel)
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     metrics = WorkerMetrics(name, worker_id, loaded.device)
@@ -214,7 +218,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         serve_metrics(args.metrics_port, args.metrics_host)
     service: WorkerService
-    engine = Engine(loaded, defaults, lambda i, m: service.emit(i, m), metrics=metrics,
+    engine = Engine(loaded, defaults, lambda m: service.emit(m), metrics=metrics,
                     max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
                     max_queue_size=args.max_queue_size, verifier=verifier,
                     shape_buckets=accel.bucket_shapes(opts, loaded.device))

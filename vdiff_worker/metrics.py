@@ -30,6 +30,8 @@ TOKENS_PER_FORWARD = Histogram("vdiff_tokens_per_forward",
                                buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=REGISTRY)
 BATCH = Histogram("vdiff_batch_size", "Rows in one engine step", _LABELS,
                   buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY)
+CALL_ROWS = Histogram("vdiff_model_call_rows", "Rows (sequences) one model call carried",
+                      _LABELS, buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY)
 GPU_MEMORY = Gauge("vdiff_gpu_memory_used_bytes", "Device memory in use", _LABELS,
                    registry=REGISTRY)
 HOST_MEMORY = Gauge("vdiff_host_memory_peak_bytes", "Peak resident host memory", _LABELS,
@@ -51,6 +53,7 @@ class WorkerMetrics:
         self.parallel = PARALLEL.labels(*labels)
         self.per_forward = TOKENS_PER_FORWARD.labels(*labels)
         self.batch = BATCH.labels(*labels)
+        self.call_rows = CALL_ROWS.labels(*labels)
         self.gpu_memory = GPU_MEMORY.labels(*labels)
         self.host_memory = HOST_MEMORY.labels(*labels)
 

@@ -15,7 +15,6 @@ from vdiff_worker.tokenizer import Tokenizer
 class Sequence:
     request_id: str
     index: int
-    reply_to: int  # which gateway socket the results go back on
     ctx: Context
     strategy: Strategy
     tokenizer: Tokenizer
@@ -33,6 +32,7 @@ class Sequence:
     finish_reason: str | None = None  # set when the answer is final
     stopped_by_token: bool = False
     pending: Forward | None = None
+    slots: dict[str, int] = field(default_factory=dict)  # cache slot per model, while running
 
     def __post_init__(self) -> None:
         self._steps = self.strategy.run()

@@ -69,12 +69,23 @@ class WorkerService:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._by_index: list[Link] = []
+        # request id -> (the link its job came on, choices not yet done)
+        self._owners: dict[str, tuple[Link, int]] = {}
 
     # ---- engine callback (engine thread) ------------------------------------------------
-    def emit(self, reply_to: int, msg: protocol.Message) -> None:
-        """Sent from the engine thread itself: a result does not wait for the event loop."""
-        if 0 <= reply_to < len(self._by_index):
-            self._send(self._by_index[reply_to], msg)
+    def emit(self, msg: protocol.Message) -> None:
+        """Sent from the engine thread itself: a result does not wait for the event loop.
+        The engine addresses results by request id; the link they go back on is known here."""
+        rid = getattr(msg, "request_id", None)
+        owner = self._owners.get(rid) if isinstance(rid, str) else None
+        if owner is None:
+            return
+        link, left = owner
+        if isinstance(msg, Error) or (isinstance(msg, protocol.Done) and left <= 1):
+            self._owners.pop(str(rid), None)
+        elif isinstance(msg, protocol.Done):
+            self._owners[str(rid)] = (link, left - 1)
+        self._send(link, msg)
 
     def _send(self, link: Link, msg: protocol.Message) -> None:
         if not link.chan.send([protocol.encode(msg)]):
@@ -137,8 +148,10 @@ class WorkerService:
             return
         link.last_heard = time.monotonic()
         if isinstance(msg, Generate):
-            self.engine.submit(msg, index)
+            self._owners[msg.request_id] = (link, msg.n)
+            self.engine.submit(msg)
         elif isinstance(msg, Abort):
+            self._owners.pop(msg.request_id, None)
             self.engine.abort(msg.request_id)
         elif isinstance(msg, Tokenize):
             self._send(link, self._tokenize(msg))

@@ -13,17 +13,19 @@ import torch.nn.functional as F
 from loguru import logger
 from safetensors.torch import load_file
 
+from tests.worker.drive import runner
 from vdiff_worker import accel
 from vdiff_worker.accel import AccelError, Options
 from vdiff_worker.decoding.base import Forward, full_sequence
-from vdiff_worker.engine import Defaults, Engine
 from vdiff_worker.models import LoadedModel, load_model
+from vdiff_worker.models.kvcache import SlotBatch, SlotStore
 from vdiff_worker.models.layers import (
     attend,
     attention_backend,
     flash_attention,
     set_attention_backend,
 )
+from vdiff_worker.runner import Call
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 CPU = torch.device("cpu")
@@ -114,17 +116,26 @@ def test_eager_attention_equals_sdpa_within_1e4(model: str) -> None:
     assert (outs["eager"] - outs["sdpa"]).abs().max().item() <= 1e-4
 
 
+def _slots(g: torch.Generator) -> SlotBatch:
+    store = SlotStore(layers=1, slots=3, kv_heads=2, length=16, head_dim=8, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    store.keys[0].copy_(torch.randn(store.keys[0].shape, generator=g))
+    store.values[0].copy_(torch.randn(store.values[0].shape, generator=g))
+    # Rows in slots 2 and 0: five new tokens at 3 (of 12 keys), four at 0 (of 10).
+    return SlotBatch(store, torch.tensor([2, 0]), torch.tensor([3, 0]), torch.tensor([5, 4]),
+                     torch.tensor([12, 10]))
+
+
 def test_eager_attention_with_caches_and_groups() -> None:
     g = torch.Generator().manual_seed(1)
     q = torch.randn(2, 4, 5, 8, generator=g)
     kv = (torch.randn(2, 2, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g))
-    before = (torch.randn(2, 2, 3, 8, generator=g), torch.randn(2, 2, 3, 8, generator=g))
-    after = (torch.randn(2, 2, 4, 8, generator=g), torch.randn(2, 2, 4, 8, generator=g))
-    mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
-    mask[0, ..., :2] = False
-    want = attend(q, kv, mask, before, after)
+    cache = _slots(g)
+    assert cache.key_mask is not None
+    mask = cache.key_mask[:, None, None, :]
+    want = attend(q, kv, mask, cache, 0)
     set_attention_backend("eager")
-    assert (attend(q, kv, mask, before, after) - want).abs().max().item() <= 1e-5
+    assert (attend(q, kv, mask, cache, 0) - want).abs().max().item() <= 1e-5
 
 
 def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -245,15 +256,15 @@ def test_shape_buckets_pad_rows_and_length_without_changing_logits(llada: Loaded
     calls: list[Forward] = [
         full_sequence(torch.randint(0, 400, (n,), generator=g), torch.full((m,), 482))
         for n, m in ((20, 16), (27, 16), (9, 32))]
-    plain = Engine(llada, Defaults(), lambda i, m: None)
+    plain = runner({"main": llada.model})
     with torch.no_grad():
-        want = plain._batched(calls)
+        want = plain._batched([Call(f) for f in calls])
     recorder = _Recorder(llada.model)
-    bucketed = Engine(LoadedModel(**{**llada.__dict__, "model": recorder}), Defaults(),
-                      lambda i, m: None, shape_buckets=True)
+    bucketed = runner({"main": recorder})
+    bucketed.shape_buckets = True
     with torch.no_grad():
-        got = bucketed._batched(calls)
-        alone = bucketed._batched(calls[:1])  # a single pass is bucketed too
+        got = bucketed._batched([Call(f) for f in calls])
+        alone = bucketed._batched([Call(calls[0])])  # a single pass is bucketed too
     assert recorder.shapes == [(4, 64), (1, 64)]  # 3 rows -> 4; 43 tokens -> 64
     for a, b in zip(got + alone, want + want[:1]):
         assert a.logits.shape == b.logits.shape

@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.worker.drive import drive
 from vdiff_worker.decoding import strategy_for
-from vdiff_worker.decoding.base import Context, ParamError, Settings, Strategy
+from vdiff_worker.decoding.base import Context, ParamError, Settings, gumbel_argmax
 from vdiff_worker.decoding.fastdllm import factor_rule, threshold_rule
 from vdiff_worker.models import LoadedModel, load_model
-from vdiff_worker.models.base import ModelOutput
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 INF = float("inf")
-
-
-def drive(strategy: Strategy, models: dict[str, torch.nn.Module],
-          on_pass: list[int] | None = None,
-          until: Callable[[torch.Tensor], bool] | None = None) -> int:
-    """Run a strategy as the engine would, one call at a time, to its end or until `until`
-    holds for the canvas; returns the rows computed. `on_pass` collects the tokens committed
-    after each call."""
-    canvas, mask = strategy.ctx.canvas, strategy.ctx.mask_id
-    steps, rows = strategy.run(), 0
-    call = next(steps, None)
-    with torch.no_grad():
-        while call is not None and not (until is not None and until(canvas)):
-            rows += int(call.input_ids.shape[0])
-            before = int((canvas != mask).sum())
-            out: ModelOutput = models[call.model](
-                call.input_ids, position_ids=call.position_ids, key_mask=call.key_mask,
-                kv_before=call.kv_before, kv_after=call.kv_after, return_kv=call.return_kv)
-            try:
-                call = steps.send(out)
-            except StopIteration:
-                call = None
-            if on_pass is not None:
-                on_pass.append(int((canvas != mask).sum()) - before)
-    return rows
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +58,6 @@ def test_max_parallel_caps_tokens_per_pass(llada: LoadedModel, cache: str) -> No
 
 @pytest.mark.parametrize("decoding,field,kw", [
     ("threshold", "cfg_scale", {"cfg_scale": 1.0}),
-    ("factor", "top_p", {"top_p": 0.5}),
     ("reference", "cfg_scale", {"cache": "dual", "cfg_scale": 2.0}),
     ("threshold", "cache", {"cache": "paged"}),
 ])
@@ -94,6 +67,17 @@ def test_refusals_name_the_field(decoding: str, field: str, kw: dict[str, object
     assert err.value.param == field
 
 
-def test_llada_strategies_are_not_offered_for_dream() -> None:
+def test_llada_only_strategies_are_not_offered_for_dream() -> None:
     with pytest.raises(ParamError, match="available"):
-        strategy_for("dream", "threshold")
+        strategy_for("dream", "factor")
+    assert strategy_for("dream", "threshold") is not strategy_for("llada", "threshold")
+
+
+def test_top_k_filters_before_the_gumbel_noise() -> None:
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    picked = {int(gumbel_argmax(logits, 50.0, torch.Generator().manual_seed(s), top_k=2))
+              for s in range(40)}
+    assert picked == {1, 2}  # a high temperature reaches both kept tokens, never the others
+    nucleus = {int(gumbel_argmax(logits, 50.0, torch.Generator().manual_seed(s), top_p=0.5))
+               for s in range(40)}
+    assert nucleus == {1}

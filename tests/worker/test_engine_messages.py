@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import GOLDEN
 from vdiff_common.protocol import Chunk, Done, Generate, Message, SamplingParams
-from vdiff_worker.engine import Defaults, Engine
+from vdiff_worker.admission import Defaults
+from vdiff_worker.engine import Engine
 from vdiff_worker.models import load_model
 
 
@@ -16,7 +17,7 @@ from vdiff_worker.models import load_model
 def engine() -> Engine:
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
     e = Engine(load_model(str(GOLDEN / "llada-tiny")), Defaults(block_length=8),
-               lambda _to, msg: inbox.put(msg))
+               inbox.put)
     e.outbox = inbox  # type: ignore[attr-defined]
     e.start()
     return e
@@ -26,7 +27,7 @@ def _run(engine: Engine, stream: bool, n: int = 2) -> list[Message]:
     params = SamplingParams(max_tokens=24, temperature=0.5, seed=5)
     chat = [{"role": "user", "content": "What is 24 + 1?"}]  # golden: "11" at temperature 0
     engine.submit(Generate(f"r-{stream}", "llada-tiny", messages=chat, params=params, n=n,
-                           stream=stream), 0)
+                           stream=stream))
     out: list[Message] = []
     while sum(isinstance(m, Done) for m in out) < n:
         out.append(engine.outbox.get(timeout=60))  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.worker.drive import slots_for
 from vdiff_worker.models import LoadedModel, load_model
 from vdiff_worker.models.ar import CausalLM
 
@@ -46,30 +47,40 @@ def test_greedy_matches_transformers_generate(
 ) -> None:
     model = _model(ar)
     for case in greedy_cases:
-        logits, cache = model.step(torch.tensor([case["prompt_ids"]]))
+        ids = case["prompt_ids"]
+        store = slots_for(model, [(0, 0, len(ids), len(ids))]).store
+        at, step = 0, torch.tensor([ids])
         out: list[int] = []
         with torch.no_grad():
             for _ in range(case["max_new_tokens"]):
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                out.append(int(token))
-                logits, cache = model.step(token, cache)
+                n = step.shape[1]
+                logits = model(step, cache=slots_for(model, [(0, at, n, at + n)], store)).logits
+                at += n
+                step = logits[:, -1].argmax(-1, keepdim=True)
+                out.append(int(step))
         assert out == case["output_ids"]
 
 
-def test_forward_with_kv_before_matches_full_pass(
+def test_cached_passes_of_different_lengths_batch_as_alone(
     ar: LoadedModel, greedy_cases: list[dict[str, Any]]
 ) -> None:
-    prompt, answer = greedy_cases[0]["prompt_ids"], greedy_cases[0]["output_ids"]
+    a, b = greedy_cases[0], greedy_cases[3]
+    pa, pb = len(a["prompt_ids"]), len(b["prompt_ids"])
+    model = _model(ar)
     with torch.no_grad():
-        full = ar.model(torch.tensor([prompt + answer]))
-        head = ar.model(torch.tensor([prompt]), return_kv=True)
-        assert head.kv is not None and len(head.kv) == 3
-        assert head.kv[0][0].shape == (1, 2, len(prompt), 24)
-        tail = ar.model(torch.tensor([answer]), kv_before=head.kv, return_kv=True)
-        with pytest.raises(ValueError, match="kv_after"):
-            ar.model(torch.tensor([answer]), kv_before=head.kv, kv_after=head.kv)
-    assert tail.kv is not None and tail.kv[0][0].shape[2] == len(answer)
-    assert (tail.logits - full.logits[:, len(prompt) :]).abs().max().item() <= TOL
+        full_a = model(torch.tensor([a["prompt_ids"] + a["output_ids"]]))
+        full_b = model(torch.tensor([b["prompt_ids"] + b["output_ids"]]))
+        cache = slots_for(model, [(1, 0, pa, pa)])
+        model(torch.tensor([a["prompt_ids"]]), cache=cache)
+        model(torch.tensor([b["prompt_ids"]]), cache=slots_for(model, [(3, 0, pb, pb)],
+                                                              cache.store))
+        # Row 0: a's first 4 answer tokens after its prompt; row 1: b's first 2 (padded).
+        ids = torch.zeros(2, 4, dtype=torch.long)
+        ids[0], ids[1, :2] = torch.tensor(a["output_ids"][:4]), torch.tensor(b["output_ids"][:2])
+        both = model(ids, cache=slots_for(model, [(1, pa, 4, pa + 4), (3, pb, 2, pb + 2)],
+                                          cache.store))
+    assert (both.logits[0] - full_a.logits[0, pa : pa + 4]).abs().max().item() <= TOL
+    assert (both.logits[1, :2] - full_b.logits[0, pb : pb + 2]).abs().max().item() <= TOL
 
 
 def test_left_padded_batch_matches_unpadded(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.worker.drive import slots_for
 from vdiff_worker.models import LoadedModel, load_model
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
@@ -66,13 +67,12 @@ def test_gqa_dual_cache_reproduces_full_forward(
     dream: LoadedModel, cases: dict[str, torch.Tensor]
 ) -> None:
     ids = cases["input_ids_1"][None]
-    p, s = 30, 8
+    n, p, s = ids.shape[1], 30, 8
     with torch.no_grad():
-        full = dream.model(ids, return_kv=True)
-        assert full.kv is not None
+        cache = slots_for(dream.model, [(0, 0, n, n)])
+        full = dream.model(ids, cache=cache)
         # Two key/value heads for four query heads: the cache keeps the grouped shape.
-        assert full.kv[0][0].shape == (1, 2, ids.shape[1], 32)
-        before = [(k[:, :, :p], v[:, :, :p]) for k, v in full.kv]
-        after = [(k[:, :, p + s :], v[:, :, p + s :]) for k, v in full.kv]
-        dual = dream.model(ids[:, p : p + s], kv_before=before, kv_after=after)
+        assert cache.store.keys[0].shape[1:] == (2, 256, 32)
+        dual = dream.model(ids[:, p : p + s], cache=slots_for(dream.model, [(0, p, s, n)],
+                                                             cache.store))
     assert (dual.logits - full.logits[:, p : p + s]).abs().max().item() <= TOL

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.worker.drive import slots_for
 from vdiff_worker.models import LoadedModel, load_model
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
@@ -38,7 +39,6 @@ def test_loaded_metadata(llada: LoadedModel) -> None:
 def test_logits_match_reference(llada: LoadedModel, cases: dict[str, torch.Tensor], k: int) -> None:
     with torch.no_grad():
         out = llada.model(cases[f"input_ids_{k}"][None])
-    assert out.kv is None
     assert out.logits.dtype == torch.float32
     assert (out.logits[0] - cases[f"logits_{k}"]).abs().max().item() <= TOL
 
@@ -60,34 +60,54 @@ def test_prefix_and_dual_cache_reproduce_full_forward(
     llada: LoadedModel, cases: dict[str, torch.Tensor]
 ) -> None:
     ids = cases["input_ids_1"][None]
-    p, s = 20, 8  # prefix, block [p, p + s), suffix after it
+    n, p, s = ids.shape[1], 20, 8  # prefix, block [p, p + s), suffix after it
     with torch.no_grad():
-        full = llada.model(ids, return_kv=True)
-        assert full.kv is not None and len(full.kv) == 4
-        assert full.kv[0][0].shape == (1, 4, ids.shape[1], 32)
-        before = [(k[:, :, :p], v[:, :, :p]) for k, v in full.kv]
-        after = [(k[:, :, p + s :], v[:, :, p + s :]) for k, v in full.kv]
-        prefix = llada.model(ids[:, p:], kv_before=before, return_kv=True)
-        dual = llada.model(ids[:, p : p + s], kv_before=before, kv_after=after)
+        cache = slots_for(llada.model, [(1, 0, n, n)])
+        full = llada.model(ids, cache=cache)
+        assert cache.store.keys[0].shape == (4, 4, 256, 32)
+        prefix = llada.model(ids[:, p:], cache=slots_for(llada.model, [(1, p, n - p, n)],
+                                                        cache.store))
+        dual = llada.model(ids[:, p : p + s], cache=slots_for(llada.model, [(1, p, s, n)],
+                                                             cache.store))
     # Prefix cache: keys for the tokens after the block are recomputed, so the whole tail
     # matches; dual cache: the block sees the exact same keys as the full pass.
     assert (prefix.logits - full.logits[:, p:]).abs().max().item() <= TOL
-    assert prefix.kv is not None and prefix.kv[0][0].shape[2] == ids.shape[1] - p
     assert (dual.logits - full.logits[:, p : p + s]).abs().max().item() <= TOL
 
 
-def test_key_mask_covers_cached_keys(llada: LoadedModel, cases: dict[str, torch.Tensor]) -> None:
-    ids = cases["input_ids_0"][None]
-    mask = torch.ones(1, ids.shape[1], dtype=torch.bool)
-    mask[0, :3] = False
+def test_cached_rows_of_any_slot_length_and_position_batch_as_alone(
+    llada: LoadedModel, cases: dict[str, torch.Tensor]
+) -> None:
+    a, b = cases["input_ids_1"][None], cases["input_ids_0"][None]
+    na, nb = a.shape[1], b.shape[1]
     with torch.no_grad():
-        ref = llada.model(ids, key_mask=mask, return_kv=True)
-        assert ref.kv is not None
-        before = [(k[:, :, :10], v[:, :, :10]) for k, v in ref.kv]
-        cached = llada.model(ids[:, 10:], kv_before=before, key_mask=mask)
-        with pytest.raises(ValueError, match="key_mask"):
-            llada.model(ids[:, 10:], kv_before=before, key_mask=mask[:, 10:])
-    assert (cached.logits - ref.logits[:, 10:]).abs().max().item() <= TOL
+        cache = slots_for(llada.model, [(2, 0, na, na)])
+        llada.model(a, cache=cache)
+        llada.model(b, cache=slots_for(llada.model, [(0, 0, nb, nb)], cache.store))
+        # A dual-cache block of a (8 tokens at 20) and a prefix pass of b (from 10 on).
+        alone_a = llada.model(a[:, 20:28], cache=slots_for(llada.model, [(2, 20, 8, na)],
+                                                          cache.store))
+        alone_b = llada.model(b[:, 10:], cache=slots_for(llada.model, [(0, 10, nb - 10, nb)],
+                                                        cache.store))
+        width = max(8, nb - 10)
+        ids = torch.zeros(2, width, dtype=torch.long)
+        ids[0, :8], ids[1, : nb - 10] = a[0, 20:28], b[0, 10:]
+        pos = torch.zeros(2, width, dtype=torch.long)
+        pos[0, :8], pos[1, : nb - 10] = torch.arange(20, 28), torch.arange(10, nb)
+        heads = torch.zeros(2, width, dtype=torch.bool)
+        heads[0, :8], heads[1, : nb - 10] = True, True
+        both = llada.model(ids, position_ids=pos, heads=heads, cache=slots_for(
+            llada.model, [(2, 20, 8, na), (0, 10, nb - 10, nb)], cache.store))
+    assert both.logits.shape == (8 + nb - 10, alone_a.logits.shape[-1])
+    assert (both.logits[:8] - alone_a.logits[0]).abs().max().item() <= TOL
+    assert (both.logits[8:] - alone_b.logits[0]).abs().max().item() <= TOL
+
+
+def test_a_cached_pass_takes_its_key_mask_from_the_cache(llada: LoadedModel) -> None:
+    ids = torch.full((1, 6), 481)
+    with torch.no_grad(), pytest.raises(ValueError, match="key mask"):
+        llada.model(ids, key_mask=torch.ones(1, 6, dtype=torch.bool),
+                    cache=slots_for(llada.model, [(0, 0, 6, 6)]))
 
 
 def test_fully_masked_row_gives_no_nan(llada: LoadedModel) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from vdiff_worker.decoding.base import (
+    Cached,
     Forward,
     ParamError,
     Settings,
@@ -34,18 +35,6 @@ from vdiff_worker.decoding.base import (
     gumbel_argmax,
 )
 from vdiff_worker.decoding.dream import filter_logits
-from vdiff_worker.models.base import KVCache
-
-
-def _keys(kv: KVCache, end: int) -> KVCache:
-    return [(k[:, :, :end], v[:, :, :end]) for k, v in kv]
-
-
-def _join(before: KVCache | None, new: KVCache) -> KVCache:
-    if before is None:
-        return new
-    return [(torch.cat([kb, kn], dim=2), torch.cat([vb, vn], dim=2))
-            for (kb, vb), (kn, vn) in zip(before, new)]
 
 
 def accepted(draft: Tensor, dllm: Tensor, verifier: Tensor, weight: float) -> int:
@@ -85,6 +74,10 @@ class APD(Strategy):
             raise ParamError("remasking", "APD commits left to right; 'remasking' does not "
                                           "apply")
 
+    def cached_models(self) -> frozenset[str]:
+        window = self.ctx.settings.apd_kv_window is not None
+        return frozenset({"main", "verifier"} if window else {"verifier"})
+
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
         P, N = ctx.prompt.numel(), s.gen_length
@@ -92,46 +85,42 @@ class APD(Strategy):
         device = ctx.prompt.device
         cur = 0  # committed prefix of the canvas
         last = 0  # tokens committed last round
-        dllm_kv: KVCache | None = None  # diffusion keys/values of the last pass's positions
-        ver_kv: KVCache | None = None  # verifier keys/values of prompt + committed prefix
         carry: Tensor | None = None  # verifier's prediction for canvas position `cur`
         while cur < N:
             right = min(cur + lookahead, N) if lookahead is not None else N
             seq = torch.cat([ctx.prompt, ctx.canvas[:right]])
-            left = 0
-            if dllm_kv is not None and window is not None:
-                left = max(P + cur - window - last + 1, 0)
-            before = _keys(dllm_kv, left) if dllm_kv is not None and left > 0 else None
+            # With a window the slot keeps the diffusion keys of the last pass; this one
+            # recomputes from `left` on.
+            left = max(P + cur - window - last + 1, 0) if window is not None and cur else 0
+            span = (P + cur - self.shift - left, P + right - self.shift - left)
             out = yield Forward(
                 input_ids=seq[left:].unsqueeze(0),
                 position_ids=torch.arange(left, P + right, device=device).unsqueeze(0),
-                kv_before=before, return_kv=window is not None)
-            if window is not None:
-                assert out.kv is not None
-                dllm_kv = _join(before, out.kv)
-            dllm = out.logits[0, P + cur - self.shift - left:P + right - self.shift - left]
+                logits=span,
+                cached=Cached(write=left, keys=P + right) if window is not None else None)
+            dllm = out.logits[0]
             draft = gumbel_argmax(filter_logits(dllm, s.temperature, s.top_p, s.top_k),
                                   s.temperature, ctx.generator)
-            if ver_kv is None:
+            # The verifier's slot holds prompt + committed prefix; it scores the draft.
+            if carry is None:
                 ids = torch.cat([ctx.prompt, ctx.canvas[:cur], draft])
                 vout = yield Forward(input_ids=ids.unsqueeze(0),
                                      position_ids=torch.arange(P + right,
                                                                device=device).unsqueeze(0),
-                                     model="verifier", return_kv=True)
-                verifier = vout.logits[0, P + cur - 1:P + right - 1]
+                                     logits=(P + cur - 1, P + right - 1), model="verifier",
+                                     cached=Cached(write=0, keys=P + right))
+                verifier = vout.logits[0]
             else:
-                assert carry is not None
                 vout = yield Forward(input_ids=draft.unsqueeze(0),
                                      position_ids=torch.arange(P + cur, P + right,
                                                                device=device).unsqueeze(0),
-                                     model="verifier", kv_before=ver_kv, return_kv=True)
-                verifier = torch.cat([carry.unsqueeze(0), vout.logits[0, :-1]])
-            assert vout.kv is not None
+                                     logits=(0, right - cur - 1), model="verifier",
+                                     cached=Cached(write=P + cur, keys=P + right))
+                verifier = torch.cat([carry.unsqueeze(0), vout.logits[0]])
             n = accepted(draft, dllm, verifier, s.apd_mixture_weight)
             if s.max_parallel is not None:
                 n = min(n, s.max_parallel)
             carry = verifier[n] if n < verifier.shape[0] else verifier[-1]
-            ver_kv = _keys(_join(ver_kv, vout.kv), P + cur + n)
             ctx.canvas[cur:cur + n] = draft[:n]
             cur, last = cur + n, n
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vdiff_worker.decoding.base import Forward, ParamError, Settings, Steps, Strategy
+from vdiff_worker.decoding.base import Cached, Forward, ParamError, Settings, Steps, Strategy
 
 
 def sample(logits: Tensor, s: Settings, gen: torch.Generator) -> Tensor:
@@ -13,7 +13,7 @@ def sample(logits: Tensor, s: Settings, gen: torch.Generator) -> Tensor:
     if s.temperature == 0.0:
         return logits.argmax(dim=-1)
     scaled = logits.float() / s.temperature
-    if s.top_k > 0:
+    if s.top_k is not None and s.top_k > 0:
         kth = torch.topk(scaled, min(s.top_k, scaled.shape[-1])).values[..., -1, None]
         scaled = scaled.masked_fill(scaled < kth, -torch.inf)
     if s.top_p < 1.0:
@@ -36,20 +36,20 @@ class Autoregressive(Strategy):
         if s.cfg_scale > 0.0:
             raise ParamError("cfg_scale", "cfg_scale applies to diffusion models only")
 
+    def cached_models(self) -> frozenset[str]:
+        return frozenset({"main"})
+
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
         P = ctx.prompt.numel()
         ids = ctx.prompt.unsqueeze(0)
         pos = torch.arange(P, device=ids.device).unsqueeze(0)
-        out = yield Forward(input_ids=ids, position_ids=pos, return_kv=True)
-        kv = out.kv
+        out = yield Forward(input_ids=ids, position_ids=pos, logits=(P - 1, P),
+                            cached=Cached(write=0, keys=P))
         for i in range(s.gen_length):
             tok = sample(out.logits[0, -1], s, ctx.generator)
             ctx.canvas[i] = tok
             if i + 1 == s.gen_length:
                 return
             out = yield Forward(input_ids=tok.view(1, 1), position_ids=pos.new_tensor([[P + i]]),
-                                kv_before=kv, return_kv=True)
-            assert kv is not None and out.kv is not None
-            kv = [(torch.cat([k0, k1], dim=2), torch.cat([v0, v1], dim=2))
-                  for (k0, v0), (k1, v1) in zip(kv, out.kv)]
+                                cached=Cached(write=P + i, keys=P + i + 1))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from vdiff_common.protocol import SamplingParams
-from vdiff_worker.models.base import KVCache, ModelOutput
+from vdiff_worker.models.base import ModelOutput
 
 # Fields every strategy honours (the engine and Sequence apply the stop and length ones).
 UNIVERSAL = frozenset({"max_tokens", "temperature", "seed", "stop", "stop_token_ids", "decoding",
@@ -32,26 +32,35 @@ class ParamError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class Cached:
+    """How a pass uses its sequence's cache slot for its model: the new tokens' keys are
+    written at slot positions ``write`` onwards, and the pass attends to positions
+    ``[0, keys)`` (see vdiff_worker.models.kvcache)."""
+
+    write: int
+    keys: int
+
+
 @dataclass
 class Forward:
-    """One model call: `rows` sequences of equal length (several rows, e.g. for CFG)."""
+    """One model call: `rows` sequences of equal length (several rows, e.g. for CFG).
+
+    ``logits`` is the span [lo, hi) of input positions whose logits the strategy reads
+    (None: all of them); the output's logits cover that span only."""
 
     input_ids: Tensor  # [R, L]
     position_ids: Tensor  # [R, L]
-    key_mask: Tensor | None = None  # [R, P+L+S]
-    kv_before: KVCache | None = None
-    kv_after: KVCache | None = None
-    return_kv: bool = False
+    cached: Cached | None = None
+    logits: tuple[int, int] | None = None
     model: str = "main"  # "main" or "verifier"
     # > 0: run the model's own generate for this many new tokens (models served through
     # transformers with a sampler of their own, such as DiffusionGemma).
     new_tokens: int = 0
 
     @property
-    def batchable(self) -> bool:
-        """Plain full-sequence passes of the main model can share one padded batch."""
-        return (self.model == "main" and self.kv_before is None and self.kv_after is None
-                and not self.return_kv and not self.new_tokens)
+    def span(self) -> tuple[int, int]:
+        return self.logits if self.logits is not None else (0, int(self.input_ids.shape[1]))
 
 
 @dataclass
@@ -63,7 +72,7 @@ class Settings:
     block_length: int
     temperature: float
     top_p: float = 1.0
-    top_k: int = -1
+    top_k: int | None = None
     remasking: str = "low_confidence"
     threshold: float | None = None
     factor: float | None = None
@@ -109,6 +118,15 @@ class Strategy(abc.ABC):
         self.ctx = ctx
 
     @classmethod
+    def default_steps(cls, gen_length: int, block_length: int) -> int:
+        """Denoising steps when neither the request nor the server sets any."""
+        return gen_length
+
+    def cached_models(self) -> frozenset[str]:
+        """The models (Forward.model roles) this sequence needs a cache slot of."""
+        return frozenset()
+
+    @classmethod
     def refuse_unused(cls, params: SamplingParams, kind: str) -> None:
         """Refuse request fields that would not reach this strategy."""
         neutral = SamplingParams()
@@ -129,20 +147,41 @@ class Strategy(abc.ABC):
         """Denoise ``ctx.canvas`` in place, yielding each model call."""
 
 
-def full_sequence(prompt: Tensor, canvas: Tensor) -> Forward:
-    """A plain pass over prompt + canvas, positions from 0."""
+def full_sequence(prompt: Tensor, canvas: Tensor, logits: tuple[int, int] | None = None,
+                  cached: Cached | None = None) -> Forward:
+    """A pass over prompt + canvas, positions from 0."""
     ids = torch.cat([prompt, canvas]).unsqueeze(0)
     pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-    return Forward(input_ids=ids, position_ids=pos)
+    return Forward(input_ids=ids, position_ids=pos, logits=logits, cached=cached)
 
 
-def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator) -> Tensor:
-    """The noisy argmax of LLaDA, Fast-dLLM and APD: exp(l) / (-log u)^T in float64.
+def check_filters(s: Settings) -> None:
+    if not 0.0 < s.top_p <= 1.0:
+        raise ParamError("top_p", "top_p must be within (0, 1]")
 
-    Plain argmax at T = 0."""
+
+def top_filtered(logits: Tensor, top_p: float, top_k: int | None) -> Tensor:
+    """Logits outside the top_k, or outside the smallest set whose probability reaches
+    top_p, set to -inf (vLLM's order: top-k, then top-p)."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p < 1.0:
+        probs, order = torch.sort(torch.softmax(logits.float(), dim=-1), descending=True)
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), -torch.inf)
+    return logits
+
+
+def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator,
+                  top_p: float = 1.0, top_k: int | None = None) -> Tensor:
+    """The noisy argmax of LLaDA, Fast-dLLM and APD: exp(l) / (-log u)^T in float64, over
+    the logits that top_p / top_k leave.
+
+    Plain argmax at T = 0 (the most likely token survives any filter)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    l64 = logits.to(torch.float64)
+    l64 = top_filtered(logits, top_p, top_k).to(torch.float64)
     u = torch.rand(l64.shape, generator=gen, dtype=torch.float64, device=l64.device)
     return (l64.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
 

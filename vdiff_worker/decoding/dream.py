@@ -21,9 +21,11 @@ from vdiff_worker.decoding.base import ParamError, Settings, Steps, Strategy, fu
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 EPS = 1e-3
+DEFAULT_TOP_K = 50
 
 
-def filter_logits(logits: Tensor, temperature: float, top_p: float, top_k: int) -> Tensor:
+def filter_logits(logits: Tensor, temperature: float, top_p: float,
+                  top_k: int | None) -> Tensor:
     """Dream's temperature scaling, then nucleus and top-k filtering (to the dtype's min)."""
     if temperature > 0.0:
         logits = logits / temperature
@@ -36,16 +38,16 @@ def filter_logits(logits: Tensor, temperature: float, top_p: float, top_k: int) 
         drop[..., 1:] = drop[..., :-1].clone()
         drop[..., 0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), low)
-    if top_k > 0:
+    if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
         logits = logits.masked_fill(logits < kth, low)
     return logits
 
 
 def sample_tokens(logits: Tensor, s: Settings, gen: torch.Generator,
-                  alg: str = "maskgit_plus") -> tuple[Tensor, Tensor]:
+                  alg: str = "maskgit_plus", top_k: int | None = None) -> tuple[Tensor, Tensor]:
     """Dream's ``sample_tokens``: (confidence, token) per row, confidence by `alg`."""
-    probs = torch.softmax(filter_logits(logits, s.temperature, s.top_p, s.top_k), dim=-1)
+    probs = torch.softmax(filter_logits(logits, s.temperature, s.top_p, top_k), dim=-1)
     if s.temperature > 0.0:
         x0 = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
         conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
@@ -93,24 +95,32 @@ class DreamReference(Strategy):
             n = int(n_masked) if last else int(n_masked * (1 - s_next / t))
             if s.alg != "origin" and n == 0:
                 continue  # the reference spends a pass here that commits nothing
-            out = yield full_sequence(ctx.prompt, ctx.canvas)
-            logits = out.logits[0, P - 1:P - 1 + s.gen_length][masked]
+            out = yield full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + s.gen_length))
+            logits = out.logits[0][masked]
             if s.alg == "origin":
                 self._origin(logits, masked, 1.0 if last else float(1 - s_next / t))
             else:
                 self._ranked(logits, masked, n)
+
+    def top_k(self) -> int | None:
+        """Dream's generation config, as the transformers versions it was released for read
+        it, filters to the top 50 logits whenever a call sets no top_k, even at
+        temperature 0."""
+        top_k = self.ctx.settings.top_k
+        return DEFAULT_TOP_K if top_k is None else top_k
 
     def _origin(self, logits: Tensor, masked: Tensor, p_transfer: float) -> None:
         ctx = self.ctx
         x0 = torch.full((logits.shape[0],), ctx.mask_id, dtype=torch.long, device=logits.device)
         go = torch.rand(x0.shape, generator=ctx.generator, device=x0.device) < p_transfer
         if bool(go.any()):
-            x0[go] = sample_tokens(logits[go], ctx.settings, ctx.generator)[1]
+            x0[go] = sample_tokens(logits[go], ctx.settings, ctx.generator,
+                                   top_k=self.top_k())[1]
         ctx.canvas[masked] = x0
 
     def _ranked(self, logits: Tensor, masked: Tensor, n: int) -> None:
         ctx, s = self.ctx, self.ctx.settings
-        conf, x0 = sample_tokens(logits, s, ctx.generator, s.alg)
+        conf, x0 = sample_tokens(logits, s, ctx.generator, s.alg, self.top_k())
         if not s.alg_temp:
             chosen = torch.topk(conf, n).indices
         else:

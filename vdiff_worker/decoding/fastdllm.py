@@ -26,18 +26,19 @@ import torch
 from torch import Tensor
 
 from vdiff_worker.decoding.base import (
+    Cached,
     Forward,
     ParamError,
     Settings,
     Steps,
     Strategy,
     blocks,
+    check_filters,
     full_sequence,
     gumbel_argmax,
     steps_per_block,
     transfer_schedule,
 )
-from vdiff_worker.models.base import KVCache
 
 CACHES = ("none", "prefix", "dual")
 
@@ -49,7 +50,7 @@ Rule = Callable[[Tensor, int], Tensor]
 def confidences(logits: Tensor, canvas: Tensor, eligible: Tensor, s: Settings,
                 gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Fast-dLLM's candidate tokens and their confidences (-inf where not eligible)."""
-    x0 = gumbel_argmax(logits, s.temperature, gen)
+    x0 = gumbel_argmax(logits, s.temperature, gen, s.top_p, s.top_k)
     if s.remasking == "low_confidence":
         probs = torch.softmax(logits.to(torch.float64), dim=-1)
         conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
@@ -98,10 +99,6 @@ def factor_rule(factor: float) -> Rule:
     return rule
 
 
-def _keys(kv: KVCache, lo: int, hi: int | None = None) -> KVCache:
-    return [(k[:, :, lo:hi], v[:, :, lo:hi]) for k, v in kv]
-
-
 class BlockDecoder(Strategy, abc.ABC):
     """Fast-dLLM's block loop over one of the three cache modes; subclasses give the rule."""
 
@@ -116,9 +113,7 @@ class BlockDecoder(Strategy, abc.ABC):
         if s.cfg_scale > 0.0:
             raise ParamError("cfg_scale", f"decoding '{cls.name}' has no classifier-free "
                                           "guidance; use decoding 'reference' without a cache")
-        if s.top_p != 1.0 or s.top_k not in (-1, 0):
-            raise ParamError("top_p" if s.top_p != 1.0 else "top_k",
-                             "Fast-dLLM's samplers have no top_p/top_k")
+        check_filters(s)
 
     @abc.abstractmethod
     def rule(self, n_masked: int) -> Rule:
@@ -128,53 +123,53 @@ class BlockDecoder(Strategy, abc.ABC):
         """At most this many tokens committed per pass (None: no cap)."""
         return self.ctx.settings.max_parallel
 
+    def cached_models(self) -> frozenset[str]:
+        return frozenset() if self.ctx.settings.cache == "none" else frozenset({"main"})
+
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
-        P = ctx.prompt.numel()
-        for start, end in blocks(s.gen_length, s.block_length):
+        P, N = ctx.prompt.numel(), s.gen_length
+        for start, end in blocks(N, s.block_length):
             n_masked = int((ctx.canvas[start:end] == ctx.mask_id).sum())
             if n_masked == 0:
                 continue
             rule = self.rule(n_masked)
-            if s.cache == "none":
-                step = 0
-                while self._masked(start, end):
-                    out = yield full_sequence(ctx.prompt, ctx.canvas)
-                    # The reference ranks over prompt + canvas; a prompt never competes.
-                    self._commit(out.logits[0, P:], 0, end, rule, step, pad=P)
-                    step += 1
-                continue
-            first = full_sequence(ctx.prompt, ctx.canvas)
-            first.return_kv = True
-            out = yield first
-            assert out.kv is not None
-            self._commit(out.logits[0, P:], 0, end, rule, 0, pad=P)
-            before = _keys(out.kv, 0, P + start)
-            after = _keys(out.kv, P + end) if s.cache == "dual" and end < s.gen_length else None
-            stop = end if s.cache == "dual" else s.gen_length
-            step = 1
+            # The block's first pass runs over everything (with a cache: filling the slot).
+            # The reference ranks over prompt + canvas there; a prompt never competes.
+            cached = None if s.cache == "none" else Cached(write=0, keys=P + N)
+            step = 0
+            while self._masked(start, end) and (step == 0 or s.cache == "none"):
+                out = yield full_sequence(ctx.prompt, ctx.canvas, (P + start, P + end), cached)
+                self._commit(out.logits[0], start, end, rule, step, origin=-P, length=P + N)
+                step += 1
+            # Cached passes rewrite the block (dual) or the block and all after it (prefix)
+            # in the slot, and attend to the whole of it.
+            stop = end if s.cache == "dual" else N
             while self._masked(start, end):
                 ids = ctx.canvas[start:stop].unsqueeze(0)
                 pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
-                out = yield Forward(input_ids=ids, position_ids=pos, kv_before=before,
-                                    kv_after=after)
-                self._commit(out.logits[0], start, end, rule, step)
+                out = yield Forward(input_ids=ids, position_ids=pos, logits=(0, end - start),
+                                    cached=Cached(write=P + start, keys=P + N))
+                self._commit(out.logits[0], start, end, rule, step, origin=start,
+                             length=stop - start)
                 step += 1
 
     def _masked(self, start: int, end: int) -> bool:
         return bool((self.ctx.canvas[start:end] == self.ctx.mask_id).any())
 
-    def _commit(self, logits: Tensor, offset: int, end: int, rule: Rule, step: int,
-                pad: int = 0) -> None:
-        """Commit the rule's choice among the masks before `end`; `logits` cover the canvas
-        from `offset`, and `pad` -inf slots stand for prompt positions in the reference's
-        ranking (so that ties break alike)."""
+    def _commit(self, logits: Tensor, start: int, end: int, rule: Rule, step: int,
+                origin: int, length: int) -> None:
+        """Commit the rule's choice among the masks of the block [start, end), whose
+        positions `logits` cover. The rule ranks a vector as the reference lays it out
+        (`length` slots from canvas position `origin`; -inf where not eligible), so that
+        ties break alike."""
         ctx = self.ctx
-        span = ctx.canvas[offset:offset + logits.shape[0]]
+        span = ctx.canvas[start:end]
         eligible = span == ctx.mask_id
-        eligible[end - offset:] = False
         x0, conf = confidences(logits, span, eligible, ctx.settings, ctx.generator)
-        chosen = rule(torch.cat([conf.new_full((pad,), -torch.inf), conf]), step) - pad
+        ranked = conf.new_full((length,), -torch.inf)
+        ranked[start - origin:end - origin] = conf
+        chosen = rule(ranked, step) + origin - start
         cap = self.cap()
         if cap is not None:
             chosen = chosen[:cap]
@@ -183,7 +178,7 @@ class BlockDecoder(Strategy, abc.ABC):
 
 class Threshold(BlockDecoder):
     name = "threshold"
-    fields = frozenset({"block_length", "remasking", "cache", "threshold"})
+    fields = frozenset({"block_length", "remasking", "cache", "threshold", "top_p", "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:
@@ -198,7 +193,7 @@ class Threshold(BlockDecoder):
 
 class Factor(BlockDecoder):
     name = "factor"
-    fields = frozenset({"block_length", "remasking", "cache", "factor"})
+    fields = frozenset({"block_length", "remasking", "cache", "factor", "top_p", "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:

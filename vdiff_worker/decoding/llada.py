@@ -17,6 +17,7 @@ from vdiff_worker.decoding.base import (
     Steps,
     Strategy,
     blocks,
+    check_filters,
     gumbel_argmax,
     steps_per_block,
     transfer_schedule,
@@ -31,7 +32,8 @@ def guided(fwd_logits: Tensor, cfg_scale: float) -> Tensor:
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
-def model_call(prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float) -> Forward:
+def model_call(prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float,
+               logits: tuple[int, int]) -> Forward:
     """A pass over prompt + canvas; with CFG a second row has the prompt masked."""
     x = torch.cat([prompt, canvas]).unsqueeze(0)
     if cfg_scale > 0.0:
@@ -39,13 +41,14 @@ def model_call(prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float) -
         uncond[0, : prompt.numel()] = mask_id
         x = torch.cat([x, uncond])
     pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand_as(x)
-    return Forward(input_ids=x, position_ids=pos)
+    return Forward(input_ids=x, position_ids=pos, logits=logits)
 
 
 class LLaDAReference(Strategy):
     name = "reference"
     kinds = ("llada",)
-    fields = frozenset({"diffusion_steps", "block_length", "remasking", "cfg_scale", "cache"})
+    fields = frozenset({"diffusion_steps", "block_length", "remasking", "cfg_scale", "cache",
+                        "top_p", "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:
@@ -55,10 +58,7 @@ class LLaDAReference(Strategy):
             return
         if s.remasking not in ("low_confidence", "random"):
             raise ParamError("remasking", "remasking must be 'low_confidence' or 'random'")
-        if s.top_p != 1.0 or s.top_k not in (-1, 0):
-            raise ParamError("top_p" if s.top_p != 1.0 else "top_k",
-                             "LLaDA's reference sampler has no top_p/top_k; use decoding "
-                             "'reference' on a Dream model or leave them unset")
+        check_filters(s)
 
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
@@ -73,18 +73,18 @@ class LLaDAReference(Strategy):
             for k in transfer_schedule(n_masked, per_block):
                 if k == 0:
                     continue  # the reference spends a pass that changes nothing here
-                out = yield model_call(ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale)
-                logits = guided(out.logits[:, P:], s.cfg_scale)
-                x0 = gumbel_argmax(logits, s.temperature, ctx.generator)
+                out = yield model_call(ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale,
+                                       (P + start, P + end))
+                logits = guided(out.logits, s.cfg_scale)
+                x0 = gumbel_argmax(logits, s.temperature, ctx.generator, s.top_p, s.top_k)
                 if s.remasking == "low_confidence":
                     probs = torch.softmax(logits, dim=-1)
                     conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
                 else:
                     conf = torch.rand(x0.shape, generator=ctx.generator, device=x0.device)
-                masked = ctx.canvas == ctx.mask_id
-                conf[end:] = -torch.inf
-                conf = torch.where(masked, conf, -torch.inf)
+                block = ctx.canvas[start:end]
                 # Rank over prompt + canvas, as the reference does, so ties break alike.
-                full = torch.cat([conf.new_full((P,), -torch.inf), conf])
-                chosen = torch.topk(full, k).indices - P
-                ctx.canvas[chosen] = x0[chosen]
+                full = conf.new_full((P + s.gen_length,), -torch.inf)
+                full[P + start:P + end] = torch.where(block == ctx.mask_id, conf, -torch.inf)
+                chosen = torch.topk(full, k).indices - P - start
+                block[chosen] = x0[chosen]

@@ -1,8 +1,10 @@
 """Autoregressive fallback: any transformers causal LM behind vdiff's forward contract.
 
-``forward`` speaks the same contract as the diffusion models (causal attention, cached
-keys before the new tokens), so an AR model can serve as APD's verifier. ``step`` reuses
-a transformers cache in place, which is what a token-by-token decoder wants.
+``forward`` speaks the same contract as the diffusion models, causally: with a cache, row i
+attends to its slot's first ``start[i]`` positions (its prefix) and to its new tokens up to
+itself, and the new keys go into the slot. So an AR model decodes token by token with its
+cache in the engine's slots, batched across sequences of any lengths, and serves as APD's
+verifier.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from vdiff_worker.models.base import KVCache, ModelOutput
+from vdiff_worker.models.base import KVShape, ModelOutput
+from vdiff_worker.models.kvcache import SlotBatch
 
 
 class CausalLM(nn.Module):
@@ -26,52 +29,49 @@ class CausalLM(nn.Module):
         params = inspect.signature(hf.forward).parameters
         self._cache_name = "cache" if "cache" in params else "past_key_values"
 
+    def kv_shape(self) -> KVShape:
+        cfg: Any = self.hf.config
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        heads = text.num_attention_heads
+        return KVShape(text.num_hidden_layers, getattr(text, "num_key_value_heads", heads),
+                       getattr(text, "head_dim", None) or text.hidden_size // heads)
+
     def forward(
         self,
         input_ids: Tensor,
         position_ids: Tensor | None = None,
         key_mask: Tensor | None = None,
-        kv_before: KVCache | None = None,
-        kv_after: KVCache | None = None,
-        return_kv: bool = False,
+        cache: SlotBatch | None = None,
+        heads: Tensor | None = None,
     ) -> ModelOutput:
-        if kv_after is not None:
-            raise ValueError("an autoregressive model attends only to earlier keys: no kv_after")
-        n_before = int(kv_before[0][0].shape[2]) if kv_before else 0
-        if position_ids is None:
-            batch, length = input_ids.shape
-            position_ids = torch.arange(
-                n_before, n_before + length, device=input_ids.device
-            ).expand(batch, length)
+        batch, length = input_ids.shape
+        if cache is None:
+            logits, _ = self._run(input_ids, None, key_mask, position_ids)
+            return ModelOutput(logits=logits if heads is None else logits[heads])
+        if key_mask is not None:
+            raise ValueError("a cached pass takes its key mask from the cache")
+        # The prefix each row attends to, gathered from its slot into a transformers cache.
         # A cache without the model config keeps every layer whole (no sliding-window
-        # cropping), so the new keys are always the tail after ``n_before``.
-        cache = DynamicCache() if kv_before or return_kv else None
-        if cache is not None and kv_before:
-            for layer, (k, v) in enumerate(kv_before):
-                cache.update(k, v, layer)
-        logits, out_cache = self._run(input_ids, cache, key_mask, position_ids)
-        if not return_kv or out_cache is None:
-            return ModelOutput(logits=logits, kv=None)
-        layers: list[Any] = list(out_cache.layers)
-        kv = [(lay.keys[:, :, n_before:], lay.values[:, :, n_before:]) for lay in layers]
-        return ModelOutput(logits=logits, kv=kv)
-
-    def step(
-        self,
-        input_ids: Tensor,
-        cache: Cache | None = None,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Cache]:
-        """One decoding pass; ``cache`` (created when None) is extended in place.
-
-        ``attention_mask`` is [B, cached + new] (1 = real token), as in transformers.
-        """
-        logits, out_cache = self._run(
-            input_ids, cache if cache is not None else DynamicCache(), attention_mask, position_ids
-        )
-        assert out_cache is not None
-        return logits, out_cache
+        # cropping), so the new keys are always the tail after the gathered prefix.
+        past = int(cache.start.max())
+        kv = DynamicCache()
+        mask = None
+        if past:
+            for layer in range(self.kv_shape().layers):
+                kv.update(*cache.read(layer, past), layer)
+        col = torch.arange(past + length, device=input_ids.device)
+        seen = torch.where(col[None, :] < past, col[None, :] < cache.start[:, None],
+                           col[None, :] - past < cache.lengths[:, None])
+        if not bool(seen.all()):
+            mask = seen
+        if position_ids is None:
+            position_ids = cache.start[:, None] + torch.arange(length, device=input_ids.device)
+        logits, out = self._run(input_ids, kv, mask, position_ids)
+        assert out is not None
+        layers: list[Any] = list(out.layers)
+        for layer, lay in enumerate(layers):
+            cache.write(layer, lay.keys[:, :, past:], lay.values[:, :, past:])
+        return ModelOutput(logits=logits if heads is None else logits[heads])
 
     def _run(
         self,

@@ -1,8 +1,11 @@
 """The forward contract every diffusion model in vdiff implements.
 
-One call serves all cache modes: no cache (no kv given), Fast-dLLM prefix cache
-(``kv_before`` only) and dual cache (``kv_before`` and ``kv_after``). Cached keys are
-stored after RoPE, so reusing them never needs their positions again.
+One call serves every pass: without a cache it attends over its own tokens (``key_mask``
+hides padding); with a :class:`~vdiff_worker.models.kvcache.SlotBatch` each row writes its
+keys into its slot and attends to the slot (prefix, dual and windowed caches alike). Cached
+keys are stored after RoPE, so reusing them never needs their positions again. ``heads``
+picks the positions whose logits are wanted: a sampler reads a block, not the whole canvas
+times the vocabulary.
 """
 
 from __future__ import annotations
@@ -14,20 +17,27 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vdiff_worker.models.layers import KVPair, RopeTables, Rotary
-
-KVCache = list[KVPair]
+from vdiff_worker.models.kvcache import SlotBatch
+from vdiff_worker.models.layers import RopeTables, Rotary
 
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, L, V] in the model dtype
-    kv: KVCache | None  # per layer (k, v) of the L new tokens, [B, H_kv, L, D], k after RoPE
+    logits: Tensor  # [B, L, V] in the model dtype; [N, V] (packed rows) when heads were given
     tokens: Tensor | None = None  # [B, N]: what a model's own whole-sequence generate produced
 
 
+@dataclass(frozen=True)
+class KVShape:
+    """What one sequence's cache slot holds per position."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
 class AttentionBlock(nn.Module, abc.ABC):
-    """One transformer layer that attends to cached keys around its new tokens."""
+    """One transformer layer; with a cache it writes and reads its layer of the slots."""
 
     @abc.abstractmethod
     def forward(
@@ -35,9 +45,9 @@ class AttentionBlock(nn.Module, abc.ABC):
         h: Tensor,
         rope: RopeTables,
         key_mask: Tensor | None,
-        before: KVPair | None,
-        after: KVPair | None,
-    ) -> tuple[Tensor, KVPair]: ...
+        cache: SlotBatch | None,
+        layer: int,
+    ) -> Tensor: ...
 
 
 class BidirectionalLM(nn.Module, abc.ABC):
@@ -54,47 +64,34 @@ class BidirectionalLM(nn.Module, abc.ABC):
     @abc.abstractmethod
     def head(self, h: Tensor) -> Tensor: ...
 
+    @abc.abstractmethod
+    def kv_shape(self) -> KVShape: ...
+
     def forward(
         self,
         input_ids: Tensor,
         position_ids: Tensor | None = None,
         key_mask: Tensor | None = None,
-        kv_before: KVCache | None = None,
-        kv_after: KVCache | None = None,
-        return_kv: bool = False,
+        cache: SlotBatch | None = None,
+        heads: Tensor | None = None,
     ) -> ModelOutput:
-        blocks = self.layers()
-        n_before = _cached_len(kv_before, len(blocks), "kv_before")
-        n_after = _cached_len(kv_after, len(blocks), "kv_after")
         batch, length = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(
-                n_before, n_before + length, device=input_ids.device
-            ).expand(batch, length)
+        if position_ids is None:  # the new tokens sit where they are written
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+            if cache is not None:
+                position_ids = position_ids + cache.start[:, None]
+        if cache is not None:
+            if key_mask is not None:
+                raise ValueError("a cached pass takes its key mask from the cache")
+            key_mask = cache.key_mask
+        elif key_mask is not None and key_mask.shape != (batch, length):
+            raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, want {(batch, length)}")
         if key_mask is not None:
-            want = n_before + length + n_after
-            if key_mask.shape != (batch, want):
-                raise ValueError(
-                    f"key_mask has shape {tuple(key_mask.shape)}, want {(batch, want)}"
-                )
             # A row with every key masked (pure padding) would softmax to NaN; let it see
             # everything instead: its output is never read.
             key_mask = (key_mask | ~key_mask.any(dim=-1, keepdim=True))[:, None, None, :]
         h = self.embed(input_ids)
         rope = self.rotary.tables(position_ids, h.dtype)
-        new_kv: KVCache = []
-        for i, block in enumerate(blocks):
-            before = kv_before[i] if kv_before is not None else None
-            after = kv_after[i] if kv_after is not None else None
-            h, kv = block(h, rope, key_mask, before, after)
-            if return_kv:
-                new_kv.append(kv)
-        return ModelOutput(logits=self.head(h), kv=new_kv if return_kv else None)
-
-
-def _cached_len(cache: KVCache | None, n_layers: int, what: str) -> int:
-    if cache is None:
-        return 0
-    if len(cache) != n_layers:
-        raise ValueError(f"{what} has {len(cache)} layers, the model has {n_layers}")
-    return int(cache[0][0].shape[2])
+        for i, block in enumerate(self.layers()):
+            h = block(h, rope, key_mask, cache, i)
+        return ModelOutput(logits=self.head(h if heads is None else h[heads]))

@@ -15,10 +15,10 @@ from typing import Any, cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vdiff_worker.models.base import AttentionBlock, BidirectionalLM
+from vdiff_worker.models.base import AttentionBlock, BidirectionalLM, KVShape
 from vdiff_worker.models.config import get_bool, get_float, get_int, require_value
+from vdiff_worker.models.kvcache import SlotBatch
 from vdiff_worker.models.layers import (
-    KVPair,
     RMSNorm,
     RopeTables,
     Rotary,
@@ -85,14 +85,14 @@ class DreamAttention(nn.Module):
         x: Tensor,
         rope: RopeTables,
         key_mask: Tensor | None,
-        before: KVPair | None,
-        after: KVPair | None,
-    ) -> tuple[Tensor, KVPair]:
+        cache: SlotBatch | None,
+        layer: int,
+    ) -> Tensor:
         q = apply_rope(split_heads(self.q_proj(x), self.num_heads), rope)
         k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), rope)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
-        out = self.o_proj(merge_heads(attend(q, (k, v), key_mask, before, after)))
-        return out, (k, v)
+        out = self.o_proj(merge_heads(attend(q, (k, v), key_mask, cache, layer)))
+        return out
 
 
 class DreamMLP(nn.Module):
@@ -120,13 +120,12 @@ class DreamLayer(AttentionBlock):
         h: Tensor,
         rope: RopeTables,
         key_mask: Tensor | None,
-        before: KVPair | None,
-        after: KVPair | None,
-    ) -> tuple[Tensor, KVPair]:
-        attn, kv = self.self_attn(self.input_layernorm(h), rope, key_mask, before, after)
-        h = h + attn
+        cache: SlotBatch | None,
+        layer: int,
+    ) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask, cache, layer)
         h = h + self.mlp(self.post_attention_layernorm(h))
-        return h, kv
+        return h
 
 
 class DreamBackbone(nn.Module):
@@ -152,6 +151,10 @@ class DreamModel(BidirectionalLM):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+
+    def kv_shape(self) -> KVShape:
+        c = self.config
+        return KVShape(c.num_layers, c.num_kv_heads, c.head_dim)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         h: Tensor = self.model.embed_tokens(input_ids)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KVPair = tuple[Tensor, Tensor]
+from vdiff_worker.models.kvcache import KVPair, SlotBatch
 
 AttentionBackend = Literal["sdpa", "flash", "eager"]
 ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("sdpa", "flash", "eager")
@@ -100,24 +100,16 @@ def attend(
     q: Tensor,
     kv: KVPair,
     key_mask: Tensor | None,
-    before: KVPair | None,
-    after: KVPair | None,
+    cache: SlotBatch | None,
+    layer: int,
 ) -> Tensor:
-    """Bidirectional attention of the new queries over before + new + after keys.
+    """Bidirectional attention of the new queries over their keys, or over their slots.
 
     ``q`` is [B, H, L, D]; keys/values are [B, H_kv, *, D] with H a multiple of H_kv;
-    ``key_mask`` is a boolean [B, 1, 1, K] (True = attend) or None.
+    ``key_mask`` is a boolean [B, 1, 1, K] (True = attend) or None. With ``cache`` the new
+    keys are written into each row's slot first and the row attends to its slot.
     """
-    k, v = kv
-    if before is not None or after is not None:
-        ks, vs = [k], [v]
-        if before is not None:
-            ks.insert(0, before[0])
-            vs.insert(0, before[1])
-        if after is not None:
-            ks.append(after[0])
-            vs.append(after[1])
-        k, v = torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+    k, v = cache.write_and_read(layer, *kv) if cache is not None else kv
     if _backend == "flash":
         from flash_attn import flash_attn_func, flash_attn_varlen_func
 

@@ -15,10 +15,10 @@ from typing import Any, cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vdiff_worker.models.base import AttentionBlock, BidirectionalLM
+from vdiff_worker.models.base import AttentionBlock, BidirectionalLM, KVShape
 from vdiff_worker.models.config import get_bool, get_float, get_int, require_value
+from vdiff_worker.models.kvcache import SlotBatch
 from vdiff_worker.models.layers import (
-    KVPair,
     RMSNorm,
     RopeTables,
     Rotary,
@@ -115,17 +115,17 @@ class LLaDABlock(AttentionBlock):
         h: Tensor,
         rope: RopeTables,
         key_mask: Tensor | None,
-        before: KVPair | None,
-        after: KVPair | None,
-    ) -> tuple[Tensor, KVPair]:
+        cache: SlotBatch | None,
+        layer: int,
+    ) -> Tensor:
         x = self.attn_norm(h)
         q = apply_rope(split_heads(self.q_proj(x), self.n_heads), rope)
         k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), rope)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
-        h = h + self.attn_out(merge_heads(attend(q, (k, v), key_mask, before, after)))
+        h = h + self.attn_out(merge_heads(attend(q, (k, v), key_mask, cache, layer)))
         x = self.ff_norm(h)
         h = h + self.ff_out(swiglu(self.ff_proj(x), self.up_proj(x)))
-        return h, (k, v)
+        return h
 
 
 class LLaDATransformer(nn.Module):
@@ -156,6 +156,10 @@ class LLaDAModel(BidirectionalLM):
         self.config = cfg
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_full_precision)
         self.model = LLaDAWrapper(cfg)
+
+    def kv_shape(self) -> KVShape:
+        c = self.config
+        return KVShape(c.n_layers, c.n_kv_heads, c.head_dim)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         h: Tensor = self.model.transformer.wte(input_ids)

@@ -415,9 +415,10 @@ def llada_decode(model: nn.Module, prompts: list[list[int]], mask_id: int, gen_l
         pos = torch.arange(width).expand(len(calls), width)
         keys = pos < torch.tensor(lengths)[:, None]
         logits = model(ids, position_ids=pos, key_mask=keys).logits
-        for row, (i, n) in enumerate(zip(list(calls), lengths)):
+        for row, i in enumerate(list(calls)):
+            lo, hi = calls[i].span
             try:
-                calls[i] = runs[i].send(ModelOutput(logits=logits[row:row + 1, :n], kv=None))
+                calls[i] = runs[i].send(ModelOutput(logits=logits[row:row + 1, lo:hi]))
             except StopIteration:
                 del calls[i]
     return [[int(t) for t in c.canvas] for c in ctxs]

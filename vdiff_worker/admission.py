@@ -1,0 +1,134 @@
+"""Admission: a job's settings (request over server defaults), prompt ids and sequences."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vdiff_common.protocol import Generate, SamplingParams
+from vdiff_worker.decoding import strategy_for
+from vdiff_worker.decoding.base import Context, ParamError, Settings, Strategy
+from vdiff_worker.models.loader import LoadedModel
+from vdiff_worker.sequence import Sequence
+
+# Fast by default: what a request that names no decoding gets, per model kind, unless the
+# server was started with --decoding. (decoding, cache)
+FAST = {"llada": ("threshold", "dual"), "dream": ("threshold", "dual")}
+
+
+def reference_only(p: SamplingParams, kind: str) -> str | None:
+    """A field only the reference sampler reads, if the request sets one: such a request
+    means the reference sampler, not a refusal from the fast one."""
+    if p.diffusion_steps is not None:
+        return "diffusion_steps"
+    if p.cfg_scale > 0.0:
+        return "cfg_scale"
+    if p.remasking == "random":
+        return "remasking"
+    if kind == "dream" and (p.alg is not None or p.alg_temp is not None):
+        return "alg"
+    return None
+
+
+@dataclass
+class Defaults:
+    """Server-wide defaults for fields a request leaves unset."""
+
+    max_tokens: int = 128
+    diffusion_steps: int | None = None  # None: the strategy's own (one step per token)
+    block_length: int = 32
+    decoding: str | None = None  # None: FAST for the model's kind, else the reference
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    threshold: float = 0.9
+    factor: float = 1.0  # Fast-dLLM's default
+    cache: str | None = None  # None: the fast default's cache, else none
+    alg: str = "entropy"
+    max_parallel: int | None = None  # tokens committed per pass, for threshold/factor/apd
+
+
+class Admission:
+    def __init__(self, loaded: LoadedModel, defaults: Defaults, models: frozenset[str],
+                 request_timeout: float | None = None) -> None:
+        self.loaded = loaded
+        self.defaults = defaults
+        self.models = models
+        self.request_timeout = request_timeout
+
+    def decoding(self, p: SamplingParams) -> tuple[str, str]:
+        """(decoding, cache) the request runs with."""
+        d, kind = self.defaults, self.loaded.kind
+        if p.decoding is not None or d.decoding is not None:
+            return p.decoding or d.decoding or "reference", p.cache or d.cache or "none"
+        if kind in FAST and reference_only(p, kind) is None:
+            decoding, cache = FAST[kind]
+            return decoding, p.cache or d.cache or cache
+        return "reference", p.cache or d.cache or "none"
+
+    def settings(self, p: SamplingParams, cls: type[Strategy], cache: str) -> Settings:
+        d = self.defaults
+        gen = p.max_tokens or d.max_tokens
+        block = min(p.block_length or d.block_length, gen)
+        return Settings(
+            gen_length=gen,
+            steps=p.diffusion_steps or d.diffusion_steps or cls.default_steps(gen, block),
+            block_length=block,
+            temperature=d.temperature if p.temperature is None else p.temperature,
+            top_p=p.top_p, top_k=p.top_k, remasking=p.remasking or d.remasking,
+            threshold=d.threshold if p.threshold is None else p.threshold,
+            factor=d.factor if p.factor is None else p.factor, cache=cache,
+            cfg_scale=p.cfg_scale, alg=p.alg or d.alg, alg_temp=p.alg_temp,
+            apd_mixture_weight=(Settings.apd_mixture_weight if p.apd_mixture_weight is None
+                                else p.apd_mixture_weight),
+            apd_kv_window=p.apd_kv_window, apd_max_lookahead=p.apd_max_lookahead,
+            max_parallel=d.max_parallel, models=self.models)
+
+    def prompt_ids(self, job: Generate) -> list[int]:
+        tok = self.loaded.tokenizer
+        if job.messages is not None:
+            return tok.apply_chat_template(job.messages)
+        if job.prompt is not None:
+            return tok.encode(job.prompt)
+        ids = list(job.prompt_ids or [])
+        bad = [t for t in ids if not 0 <= t < tok.vocab_size]
+        if bad:
+            raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary "
+                                       f"(size {tok.vocab_size})")
+        return ids
+
+    def sequences(self, job: Generate, arrived: float) -> list[Sequence]:
+        """The job's choices, or ParamError (a 400 naming the field)."""
+        decoding, cache = self.decoding(job.params)
+        cls = strategy_for(self.loaded.kind, decoding)
+        cls.refuse_unused(job.params, self.loaded.kind)
+        settings = self.settings(job.params, cls, cache)
+        if settings.steps > settings.gen_length:
+            raise ParamError("diffusion_steps", f"diffusion_steps ({settings.steps}) must not "
+                                                f"exceed max_tokens ({settings.gen_length}): a "
+                                                "step commits at least one token")
+        cls.check(settings)
+        ids = self.prompt_ids(job)
+        limit = self.loaded.max_model_len
+        if len(ids) + settings.gen_length > limit:
+            raise ParamError("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens "
+                                           f"({settings.gen_length}) exceeds the model's "
+                                           f"maximum context length of {limit} tokens")
+        device = self.loaded.device
+        prompt = torch.tensor(ids, dtype=torch.long, device=device)
+        stop_ids = self.loaded.tokenizer.stop_token_ids | frozenset(job.params.stop_token_ids)
+        deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
+        mask_id = self.loaded.mask_token_id if self.loaded.mask_token_id is not None else -1
+        out = []
+        for i in range(job.n):
+            gen = torch.Generator(device=device)
+            seed = job.params.seed
+            gen.manual_seed(seed + i if seed is not None else int(torch.randint(2**62, ())))
+            ctx = Context(prompt=prompt, settings=settings, mask_id=mask_id, generator=gen)
+            out.append(Sequence(
+                request_id=job.request_id, index=i, ctx=ctx, strategy=cls(ctx),
+                tokenizer=self.loaded.tokenizer, stop_ids=stop_ids,
+                stop_strings=list(job.params.stop), early_stop=job.params.eos_early_stop,
+                stream=job.stream, deadline=deadline, arrived=arrived))
+        return out

@@ -1,0 +1,103 @@
+"""Keys and values in preallocated per-sequence slots, written in place.
+
+A slot holds one sequence's keys and values at their absolute positions (prompt, then canvas),
+after RoPE. A cached pass writes its new tokens' keys at their positions and attends to the
+slot's first ``keys`` positions, which now hold the new keys where it wrote and the cached ones
+elsewhere. That one rule serves every cache the samplers use: Fast-dLLM's prefix and dual
+caches (a block's pass rewrites the block, or the block and what follows), APD's windowed
+diffusion cache and the causal verifier's and autoregressive decoder's prefix caches.
+
+Rows of one batched call may use any slots, at any positions, with caches of any length: the
+store gathers each row's keys up to the longest, and a key mask hides the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KVPair = tuple[Tensor, Tensor]
+
+
+class SlotStore:
+    """Per layer, keys and values of ``slots`` sequences of up to ``length`` positions."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (slots, kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.slots = slots
+        self.length = length
+        self.free = list(range(slots - 1, -1, -1))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def take(self) -> int | None:
+        """A free slot, or None when all are in use."""
+        return self.free.pop() if self.free else None
+
+    def give(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+@dataclass
+class SlotBatch:
+    """How the rows of one model call use their slots.
+
+    Row i writes its first ``lengths[i]`` new tokens at slot positions ``start[i]`` onwards
+    and attends to slot positions ``[0, keys[i])``.
+    """
+
+    store: SlotStore
+    slots: Tensor  # [B] long
+    start: Tensor  # [B] long
+    lengths: Tensor  # [B] long
+    keys: Tensor  # [B] long
+
+    def __post_init__(self) -> None:
+        width = int(self.lengths.max())
+        col = torch.arange(width, device=self.slots.device)
+        valid = col[None, :] < self.lengths[:, None]  # [B, L]: real (not padding) new tokens
+        rows = torch.arange(self.slots.numel(), device=self.slots.device)
+        self._src = (rows[:, None].expand_as(valid)[valid], col[None, :].expand_as(valid)[valid])
+        self._dst = (self.slots[:, None].expand_as(valid)[valid],
+                     (self.start[:, None] + col[None, :])[valid])
+        self.span = int(self.keys.max())
+        if self.span > self.store.length:
+            raise ValueError(f"a pass reaches position {self.span}, beyond the cache's "
+                             f"{self.store.length}")
+        contiguous = torch.arange(int(self.slots[0]), int(self.slots[0]) + self.slots.numel(),
+                                  device=self.slots.device)
+        # Rows in consecutive slots read a view of the store; others gather a copy.
+        self._first = int(self.slots[0]) if torch.equal(self.slots, contiguous) else None
+        # [B, K], or None when every row attends to all of them: an unmasked call runs the
+        # same kernel a lone pass does.
+        self.key_mask: Tensor | None = None
+        if bool((self.keys < self.span).any()):
+            self.key_mask = torch.arange(self.span, device=self.slots.device)[None, :] < \
+                self.keys[:, None]
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
+        ks, vs = self.store.keys[layer], self.store.values[layer]
+        ks[self._dst[0], :, self._dst[1]] = k.transpose(1, 2)[self._src]
+        vs[self._dst[0], :, self._dst[1]] = v.transpose(1, 2)[self._src]
+
+    def write_and_read(self, layer: int, k: Tensor, v: Tensor) -> KVPair:
+        """Store the new keys and values; the keys each row attends to."""
+        self.write(layer, k, v)
+        return self.read(layer, self.span)
+
+    def read(self, layer: int, span: int) -> KVPair:
+        """Each row's slot positions [0, span)."""
+        ks, vs = self.store.keys[layer], self.store.values[layer]
+        if self._first is not None:
+            rows = slice(self._first, self._first + self.slots.numel())
+            return ks[rows, :, :span], vs[rows, :, :span]
+        return ks[:, :, :span].index_select(0, self.slots), \
+            vs[:, :, :span].index_select(0, self.slots)

@@ -1,0 +1,216 @@
+"""The model runner: one step's model calls, batched; cache slots; the memory guard.
+
+Passes that one model call can serve together share it, padded to a common width:
+
+- plain passes of a model (no cache), whatever their lengths;
+- cached passes of a model, each row writing to and attending to its own slot, at any
+  position and with a cache of any length (vdiff_worker.models.kvcache).
+
+Only these split a step into several calls: a different model (APD's verifier), a pass with a
+cache against one without (a plain row has no slot to attend through), a model's own
+``generate`` (it runs a whole sampler), and widths so far apart that padding would cost more
+than the rows it pads (CPU passes are compute-bound: a 32-token block pass padded to a
+200-token full pass costs six times its work).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from loguru import logger
+from torch import Tensor, nn
+
+from vdiff_worker.decoding.base import Forward
+from vdiff_worker.metrics import WorkerMetrics
+from vdiff_worker.models.base import ModelOutput
+from vdiff_worker.models.kvcache import SlotBatch, SlotStore
+
+SHAPE_BUCKET = 32  # with shape_buckets, padded plain passes are a multiple of this long
+
+
+class CacheMemoryError(RuntimeError):
+    """The cache slots of a model could not be allocated."""
+
+
+@dataclass
+class Call:
+    """A pass and the cache slot of its sequence for the pass's model (if it uses one)."""
+
+    forward: Forward
+    slot: int | None = None
+
+
+class Runner:
+    def __init__(self, models: dict[str, nn.Module], slots: int, max_len: int,
+                 metrics: WorkerMetrics, shape_buckets: bool = False) -> None:
+        self.models = models
+        self.slots = slots
+        self.max_len = max_len
+        self.metrics = metrics
+        # Pad plain passes to bucketed shapes (rows to a power of two, length to a multiple of
+        # SHAPE_BUCKET), so a CUDA-graph compiled model records few graphs.
+        self.shape_buckets = shape_buckets
+        self.stores: dict[str, SlotStore] = {}
+        self.calls = 0  # model calls since start
+        self.rows = 0  # rows those calls carried
+        # Fault-injection hook for tests of the memory guard: a model call over this many
+        # tokens (rows x length) raises OutOfMemoryError as a real device would.
+        self._oom_tokens = int(os.environ.get("VDIFF_FAULT_OOM_TOKENS", "0"))
+
+    # ---- cache slots -------------------------------------------------------------------
+    def _store(self, model: str) -> SlotStore:
+        """The model's slots, allocated when a sequence first needs one."""
+        if model not in self.stores:
+            module = self.models[model]
+            shape = module.kv_shape()  # type: ignore[operator]
+            # Keys come out in the activations' dtype, the float parameters' one.
+            weight = next(p for p in module.parameters() if p.is_floating_point())
+            try:
+                store = SlotStore(shape.layers, self.slots, shape.kv_heads, self.max_len,
+                                  shape.head_dim, weight.dtype, weight.device)
+            except torch.OutOfMemoryError as err:
+                raise CacheMemoryError(
+                    f"cannot allocate the KV cache of {self.slots} sequences x {self.max_len} "
+                    f"positions for the {model} model; lower --max-num-seqs") from err
+            logger.info("{} KV cache: {} slots x {} positions, {:.1f} MiB", model, self.slots,
+                        self.max_len, store.nbytes / 2**20)
+            self.stores[model] = store
+        return self.stores[model]
+
+    def acquire(self, models: frozenset[str]) -> dict[str, int] | None:
+        """A slot of each model, or None (nothing taken) while one of them has none free."""
+        stores = {m: self._store(m) for m in sorted(models)}
+        if any(not s.free for s in stores.values()):
+            return None
+        return {m: s.take() for m, s in stores.items()}  # type: ignore[misc]
+
+    def release(self, slots: dict[str, int]) -> None:
+        for model, slot in slots.items():
+            self.stores[model].give(slot)
+
+    # ---- one step's calls ----------------------------------------------------------------
+    def run(self, calls: list[Call]) -> list[ModelOutput]:
+        results: list[ModelOutput | None] = [None] * len(calls)
+        groups: dict[tuple[str, bool, bool], list[int]] = {}
+        for i, c in enumerate(calls):
+            f = c.forward
+            groups.setdefault((f.model, f.cached is not None, bool(f.new_tokens)), []).append(i)
+        for (_, _, own_generate), members in groups.items():
+            parts = [[i] for i in members] if own_generate else \
+                _by_width([calls[i] for i in members], members)
+            for part in parts:
+                for i, out in zip(part, self._batched([calls[i] for i in part])):
+                    results[i] = out
+        return results  # type: ignore[return-value]
+
+    def _batched(self, calls: list[Call]) -> list[ModelOutput]:
+        """One padded call; on out-of-memory, split the batch in halves and retry each."""
+        try:
+            return self._call(calls)
+        except torch.OutOfMemoryError:
+            if len(calls) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            mid = len(calls) // 2
+            logger.warning("out of memory on a batch of {}; splitting", len(calls))
+            return self._batched(calls[:mid]) + self._batched(calls[mid:])
+
+    def _guard(self, rows: int, length: int) -> None:
+        if self._oom_tokens and rows * length > self._oom_tokens:
+            raise torch.OutOfMemoryError(f"injected: {rows}x{length} tokens")
+
+    def _count(self, rows: int) -> None:
+        self.calls += 1
+        self.rows += rows
+        self.metrics.call_rows.observe(rows)
+
+    def _call(self, calls: list[Call]) -> list[ModelOutput]:
+        first = calls[0].forward
+        model: Any = self.models[first.model]
+        if first.new_tokens:  # a transformers model with a sampler of its own
+            self._guard(*first.input_ids.shape)
+            out = model.generate(first.input_ids, max_new_tokens=first.new_tokens)
+            self._count(int(first.input_ids.shape[0]))
+            tokens = out.sequences[:, first.input_ids.shape[1]:]
+            return [ModelOutput(logits=tokens.new_empty(0), tokens=tokens)]
+        width = max(int(c.forward.input_ids.shape[1]) for c in calls)
+        rows_in = sum(int(c.forward.input_ids.shape[0]) for c in calls)
+        filler = 0
+        cached = first.cached is not None
+        if self.shape_buckets and not cached:
+            width = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
+            filler = (1 << (rows_in - 1).bit_length()) - rows_in
+        ids, pos, lengths, heads = [], [], [], []
+        for c in calls:
+            f = c.forward
+            rows, length = f.input_ids.shape
+            pad = width - int(length)
+            ids.append(torch.nn.functional.pad(f.input_ids, (0, pad)))
+            pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
+            lengths += [int(length)] * int(rows)
+            lo, hi = f.span
+            want = torch.zeros(rows, width, dtype=torch.bool, device=f.input_ids.device)
+            want[:, lo:hi] = True
+            heads.append(want)
+        if filler:  # rows of padding only; their outputs are dropped
+            like = first.input_ids
+            ids.append(like.new_zeros(filler, width))
+            pos.append(like.new_zeros(filler, width))
+            heads.append(torch.zeros(filler, width, dtype=torch.bool, device=like.device))
+            lengths += [0] * filler
+        self._guard(rows_in + filler, width)
+        device = first.input_ids.device
+        real = torch.tensor(lengths, device=device)
+        key_mask, cache = None, None
+        if cached:
+            cache = self._slots(calls, real)
+        elif bool((real < width).any()):
+            key_mask = torch.arange(width, device=device)[None, :] < real[:, None]
+        out = model(torch.cat(ids), position_ids=torch.cat(pos), key_mask=key_mask, cache=cache,
+                    heads=torch.cat(heads))
+        self._count(rows_in + filler)
+        results, at = [], 0
+        for c in calls:
+            rows = int(c.forward.input_ids.shape[0])
+            lo, hi = c.forward.span
+            n = rows * (hi - lo)
+            results.append(ModelOutput(logits=out.logits[at:at + n].view(rows, hi - lo, -1)))
+            at += n
+        return results
+
+    def _slots(self, calls: list[Call], lengths: Tensor) -> SlotBatch:
+        store = self.stores[calls[0].forward.model]
+        slots, write, keys = [], [], []
+        for c in calls:
+            assert c.slot is not None and c.forward.cached is not None
+            if c.forward.input_ids.shape[0] != 1:
+                raise ValueError("a cached pass has one row: its sequence's slot")
+            slots.append(c.slot)
+            write.append(c.forward.cached.write)
+            keys.append(c.forward.cached.keys)
+        device = lengths.device
+        return SlotBatch(store, torch.tensor(slots, device=device),
+                         torch.tensor(write, device=device), lengths,
+                         torch.tensor(keys, device=device))
+
+
+def _by_width(calls: list[Call], index: list[int]) -> list[list[int]]:
+    """Split passes into groups padded to their widest where the padding is at most the real
+    tokens of the group."""
+    order = sorted(range(len(calls)), key=lambda i: -int(calls[i].forward.input_ids.shape[1]))
+    groups: list[list[int]] = []
+    widest = real = rows = 0
+    for i in order:
+        r, w = (int(x) for x in calls[i].forward.input_ids.shape)
+        if groups and (rows + r) * widest <= 2 * (real + r * w):
+            groups[-1].append(index[i])
+            real, rows = real + r * w, rows + r
+        else:
+            groups.append([index[i]])
+            widest, real, rows = w, r * w, r
+    # Calls keep their submission order inside a group (the results are matched by index).
+    return [sorted(g) for g in groups]
