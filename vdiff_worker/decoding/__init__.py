@@ -6,12 +6,13 @@ from vdiff_worker.decoding.apd import APD, LLaDAAPD
 from vdiff_worker.decoding.autoregressive import Autoregressive
 from vdiff_worker.decoding.base import ParamError, Strategy
 from vdiff_worker.decoding.dream import DreamReference
+from vdiff_worker.decoding.dream_fastdllm import DreamThreshold
 from vdiff_worker.decoding.fastdllm import Factor, Threshold
 from vdiff_worker.decoding.llada import LLaDAReference
 from vdiff_worker.decoding.model_generate import ModelGenerate
 
 _ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor, DreamReference, APD,
-                               LLaDAAPD, Autoregressive, ModelGenerate]
+                               LLaDAAPD, Autoregressive, ModelGenerate, DreamThreshold]
 
 
 def strategy_for(kind: str, name: str) -> type[Strategy]:
