@@ -53,11 +53,17 @@ def _active(s: Server) -> int:
 
 def test_concurrent_requests_give_the_tokens_they_give_alone(server: Server) -> None:
     alone = [_tokens(_complete(server, p)) for p in PROMPTS]
+    time.sleep(0.5)  # the counters ride on heartbeats (every 0.2 s here)
+    before = _stats(server)
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda p: _tokens(_complete(server, p)), PROMPTS))
     assert together == alone
+    time.sleep(0.5)
     stats = _stats(server)
     assert stats["batch_size"]["max"] > 1  # they really shared forward passes
+    # Cached (dual-cache) passes share model calls too: rows per call well above one.
+    calls = stats["model_calls"] - before["model_calls"]
+    assert (stats["model_rows"] - before["model_rows"]) / calls > 2
 
 
 def test_seeded_sampling_is_independent_of_the_batch(server: Server) -> None:

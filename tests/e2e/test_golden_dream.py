@@ -11,13 +11,8 @@ import pytest
 from tests.conftest import GOLDEN, Server, start_allinone
 
 CASES = json.loads((GOLDEN / "cases" / "shared_dream.json").read_text())
+FAST = json.loads((GOLDEN / "cases" / "shared_dream_fastdllm.json").read_text())["fastdllm"]
 STOP = {CASES["eos_token_id"], 482}  # <|endoftext|>, <|im_end|>
-
-# Dream's own `_sample` (the APD repository's copy, equal to the HF file for one prompt) driven
-# by this server's Dream model reproduces this server's output on these two cases, not the
-# fixture's; the outputs stay put under 1e-4 relative noise on the logits, while the model
-# matches the reference logits to 1e-5. The fixture was evidently made under other numerics.
-DIVERGENT = {("entropy", 32, "repeat"), ("entropy", 12, "repeat")}
 
 
 def answer(ids: list[int]) -> list[int]:
@@ -44,19 +39,12 @@ def body(prompt: list[int] | list[list[int]], params: dict[str, object],
             "temperature": params["temperature"], "return_token_ids": True, **extra}
 
 
-def case_param(case: dict) -> object:
-    p = case["params"]
-    key = (p["alg"], p["steps"], case["task"])
-    marks = [pytest.mark.xfail(strict=True, reason="fixture made under other numerics")] \
-        if key in DIVERGENT else []
-    return pytest.param(case, marks=marks, id="-".join(map(str, key)))
-
-
 SINGLE = [c for c in CASES["generate"] if "prompt_ids" in c]
 BATCH = [c for c in CASES["generate"] if "batch_prompt_ids" in c]
 
 
-@pytest.mark.parametrize("case", [case_param(c) for c in SINGLE])
+@pytest.mark.parametrize("case", SINGLE,
+                         ids=lambda c: "{alg}-{steps}-".format(**c["params"]) + c["task"])
 def test_generate_case(dream_server: Server, case: dict) -> None:
     r = httpx.post(dream_server.url + "/completions",
                    json=body(case["prompt_ids"], case["params"]), timeout=120)
@@ -87,11 +75,27 @@ def test_sampled_generation_repeats_with_a_seed(dream_server: Server,
     assert first.json()["choices"][0]["token_ids"] == again.json()["choices"][0]["token_ids"]
 
 
-@pytest.mark.parametrize("field,value", [("cfg_scale", 1.0), ("cache", "dual"),
-                                         ("remasking", "random")])
+@pytest.mark.parametrize("case", FAST, ids=lambda c: "{cache}-{max_new_tokens}-".format(
+    cache=c["cache"], **c["params"]) + c["task"])
+def test_fastdllm_dream_path_case(dream_server: Server, case: dict) -> None:
+    p = case["params"]
+    req = {"model": "dream-tiny", "prompt": case["prompt_ids"], "max_tokens": p["max_new_tokens"],
+           "block_length": p["block_length"], "threshold": p["threshold"], "cache": case["cache"],
+           "temperature": 0.0, "return_token_ids": True, "eos_early_stop": False}
+    if case["cache"] == "none":  # only there do the steps matter, and only as the reference's
+        req |= {"decoding": "threshold", "diffusion_steps": p["steps"]}
+    r = httpx.post(dream_server.url + "/completions", json=req, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == answer(case["output_ids"])
+    assert r.json()["usage"]["forward_passes"] <= case["nfe"]
+
+
+@pytest.mark.parametrize("field,value", [("cfg_scale", 1.0), ("remasking", "random"),
+                                         ("cache", "dual")])
 def test_fields_dream_cannot_honour_are_refused(dream_server: Server, field: str,
                                                 value: object) -> None:
-    req = {"model": "dream-tiny", "prompt": "hi", "max_tokens": 8, field: value}
+    req = {"model": "dream-tiny", "prompt": "hi", "max_tokens": 8, "decoding": "reference",
+           field: value}
     r = httpx.post(dream_server.url + "/completions", json=req, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == field

@@ -60,6 +60,9 @@ class LLaDAReference(Strategy):
             raise ParamError("remasking", "remasking must be 'low_confidence' or 'random'")
         check_filters(s)
 
+    def cached_models(self) -> frozenset[str]:
+        return frozenset() if self.ctx.settings.cache == "none" else frozenset({"main"})
+
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
         if s.cache != "none":
