@@ -67,6 +67,9 @@ class SlotBatch:
         self._src = (rows[:, None].expand_as(valid)[valid], col[None, :].expand_as(valid)[valid])
         self._dst = (self.slots[:, None].expand_as(valid)[valid],
                      (self.start[:, None] + col[None, :])[valid])
+        # One row writes a slice in place; several scatter through index lists.
+        self._one = (int(self.slots[0]), int(self.start[0]), width) \
+            if self.slots.numel() == 1 else None
         self.span = int(self.keys.max())
         if self.span > self.store.length:
             raise ValueError(f"a pass reaches position {self.span}, beyond the cache's "
@@ -85,6 +88,11 @@ class SlotBatch:
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
         ks, vs = self.store.keys[layer], self.store.values[layer]
+        if self._one is not None:
+            slot, start, n = self._one
+            ks[slot, :, start:start + n] = k[0, :, :n]
+            vs[slot, :, start:start + n] = v[0, :, :n]
+            return
         ks[self._dst[0], :, self._dst[1]] = k.transpose(1, 2)[self._src]
         vs[self._dst[0], :, self._dst[1]] = v.transpose(1, 2)[self._src]
 
