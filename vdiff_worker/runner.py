@@ -8,8 +8,8 @@ Passes that one model call can serve together share it, padded to a common width
 
 Only these split a step into several calls: a different model (APD's verifier), a pass with a
 cache against one without (a plain row has no slot to attend through), a model's own
-``generate`` (it runs a whole sampler), and widths so far apart that padding would cost more
-than the rows it pads (CPU passes are compute-bound: a 32-token block pass padded to a
+``generate`` (it runs a whole sampler), and widths far apart: a pass shares a call only with
+passes at most twice as wide (CPU passes are compute-bound: a 32-token block pass padded to a
 200-token full pass costs six times its work).
 """
 
@@ -199,18 +199,17 @@ class Runner:
 
 
 def _by_width(calls: list[Call], index: list[int]) -> list[list[int]]:
-    """Split passes into groups padded to their widest where the padding is at most the real
-    tokens of the group."""
+    """Split passes into groups padded to their widest, each pass at least half as wide as
+    its group's widest (padding at most doubles a row's work)."""
     order = sorted(range(len(calls)), key=lambda i: -int(calls[i].forward.input_ids.shape[1]))
     groups: list[list[int]] = []
-    widest = real = rows = 0
+    widest = 0
     for i in order:
-        r, w = (int(x) for x in calls[i].forward.input_ids.shape)
-        if groups and (rows + r) * widest <= 2 * (real + r * w):
+        w = int(calls[i].forward.input_ids.shape[1])
+        if groups and 2 * w >= widest:
             groups[-1].append(index[i])
-            real, rows = real + r * w, rows + r
         else:
             groups.append([index[i]])
-            widest, real, rows = w, r * w, r
+            widest = w
     # Calls keep their submission order inside a group (the results are matched by index).
     return [sorted(g) for g in groups]

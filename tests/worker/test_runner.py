@@ -1,0 +1,65 @@
+"""The model runner: which passes share a call, cache slots, the counters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import GOLDEN
+from tests.worker.drive import runner
+from vdiff_worker.decoding.base import Cached, Forward, full_sequence
+from vdiff_worker.models import LoadedModel, load_model
+from vdiff_worker.runner import Call
+
+
+@pytest.fixture(scope="module")
+def llada() -> LoadedModel:
+    return load_model(str(GOLDEN / "llada-tiny"))
+
+
+def _plain(width: int) -> Forward:
+    return full_sequence(torch.full((width - 4,), 481), torch.full((4,), 482), (0, width))
+
+
+def test_passes_of_close_widths_share_a_call_and_far_ones_do_not(llada: LoadedModel) -> None:
+    run = runner({"main": llada.model})
+    with torch.no_grad():
+        outs = run.run([Call(_plain(w)) for w in (40, 36, 30)])
+        assert (run.calls, run.rows) == (1, 3)
+        assert [o.logits.shape[1] for o in outs] == [40, 36, 30]
+        run.run([Call(_plain(w)) for w in (200, 12, 190, 8)])  # 200 and 190; 12 and 8
+    assert (run.calls, run.rows) == (3, 7)
+
+
+def test_cached_and_plain_passes_are_separate_calls(llada: LoadedModel) -> None:
+    run = runner({"main": llada.model})
+    slots = run.acquire(frozenset({"main"}))
+    assert slots is not None
+    cached = full_sequence(torch.full((20,), 481), torch.full((8,), 482), (20, 28),
+                           Cached(write=0, keys=28))
+    with torch.no_grad():
+        plain = full_sequence(torch.full((20,), 481), torch.full((8,), 482), (20, 28))
+        outs = run.run([Call(plain), Call(cached, slots["main"])])
+    assert run.calls == 2
+    # Same tokens: the cached pass (over its own keys only) computes what the plain one does.
+    assert (outs[1].logits - outs[0].logits).abs().max().item() <= 1e-5
+
+
+def test_slots_run_out_and_come_back(llada: LoadedModel) -> None:
+    run = runner({"main": llada.model}, slots=2)
+    a, b = run.acquire(frozenset({"main"})), run.acquire(frozenset({"main"}))
+    assert a is not None and b is not None and a != b
+    assert run.acquire(frozenset({"main"})) is None  # the next sequence waits
+    run.release(a)
+    assert run.acquire(frozenset({"main"})) == a
+    assert run.acquire(frozenset()) == {}  # a sequence without a cache needs none
+
+
+def test_a_pass_beyond_the_slot_is_refused(llada: LoadedModel) -> None:
+    run = runner({"main": llada.model}, max_len=16)
+    slots = run.acquire(frozenset({"main"}))
+    assert slots is not None
+    call = full_sequence(torch.full((20,), 481), torch.full((4,), 482), (0, 24),
+                         Cached(write=0, keys=24))
+    with torch.no_grad(), pytest.raises(ValueError, match="beyond the cache"):
+        run.run([Call(call, slots["main"])])
