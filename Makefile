@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 .PHONY: install serve test lint reliability reliability-quick lint-deploy docs-check \
-	metrics-check
+	metrics-check bench-engine
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -61,3 +61,8 @@ reliability: install
 reliability-quick: install
 	$(PY) -m pip install -q schemathesis
 	$(PY) -m bench.reliability --quick
+
+# Every decoding mode at concurrency 1, 4 and 16 through real servers, against the bare model's
+# bound; writes bench/results/engine.json and engine.png (about 15 minutes on 2 cores).
+bench-engine: install
+	$(PY) -m bench.engine

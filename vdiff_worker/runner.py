@@ -178,7 +178,8 @@ class Runner:
             rows = int(c.forward.input_ids.shape[0])
             lo, hi = c.forward.span
             n = rows * (hi - lo)
-            results.append(ModelOutput(logits=out.logits[at:at + n].view(rows, hi - lo, -1)))
+            logits = out.logits[at:at + n].view(rows, hi - lo, out.logits.shape[-1])
+            results.append(ModelOutput(logits=logits))
             at += n
         return results
 

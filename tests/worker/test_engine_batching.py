@@ -38,6 +38,8 @@ MODES: list[tuple[str, dict[str, Any]]] = [
     ("dream", {"decoding": "threshold", "cache": "prefix", "block_length": 8}),
     ("dream", {"decoding": "apd", "apd_kv_window": 8, "apd_max_lookahead": 8}),
     ("dream", {"decoding": "apd"}),
+    # One token drafted per round: the verifier's pass reads no logits at all.
+    ("dream", {"decoding": "apd", "apd_kv_window": 4, "apd_max_lookahead": 1}),
     ("ar", {}),
 ]
 
