@@ -59,17 +59,25 @@ class SlotBatch:
     lengths: Tensor  # [B] long
     keys: Tensor  # [B] long
 
+    # None: by device. Each row writes a slice in place on a CPU (a copy per row beats a
+    # scatter there); on a GPU several rows scatter in one kernel, not a launch per row.
+    scatter: bool | None = None
+
     def __post_init__(self) -> None:
-        width = int(self.lengths.max())
-        col = torch.arange(width, device=self.slots.device)
-        valid = col[None, :] < self.lengths[:, None]  # [B, L]: real (not padding) new tokens
-        rows = torch.arange(self.slots.numel(), device=self.slots.device)
-        self._src = (rows[:, None].expand_as(valid)[valid], col[None, :].expand_as(valid)[valid])
-        self._dst = (self.slots[:, None].expand_as(valid)[valid],
-                     (self.start[:, None] + col[None, :])[valid])
-        # One row writes a slice in place; several scatter through index lists.
-        self._one = (int(self.slots[0]), int(self.start[0]), width) \
-            if self.slots.numel() == 1 else None
+        if self.scatter is None:
+            self.scatter = self.slots.numel() > 1 and self.slots.device.type != "cpu"
+        if self.scatter:
+            width = int(self.lengths.max())
+            col = torch.arange(width, device=self.slots.device)
+            valid = col[None, :] < self.lengths[:, None]  # [B, L]: real new tokens
+            rows = torch.arange(self.slots.numel(), device=self.slots.device)
+            self._src = (rows[:, None].expand_as(valid)[valid],
+                         col[None, :].expand_as(valid)[valid])
+            self._dst = (self.slots[:, None].expand_as(valid)[valid],
+                         (self.start[:, None] + col[None, :])[valid])
+        else:
+            self._slices = list(zip(self.slots.tolist(), self.start.tolist(),
+                                    self.lengths.tolist()))
         self.span = int(self.keys.max())
         if self.span > self.store.length:
             raise ValueError(f"a pass reaches position {self.span}, beyond the cache's "
@@ -88,10 +96,10 @@ class SlotBatch:
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
         ks, vs = self.store.keys[layer], self.store.values[layer]
-        if self._one is not None:
-            slot, start, n = self._one
-            ks[slot, :, start:start + n] = k[0, :, :n]
-            vs[slot, :, start:start + n] = v[0, :, :n]
+        if not self.scatter:
+            for row, (slot, start, n) in enumerate(self._slices):
+                ks[slot, :, start:start + n] = k[row, :, :n]
+                vs[slot, :, start:start + n] = v[row, :, :n]
             return
         ks[self._dst[0], :, self._dst[1]] = k.transpose(1, 2)[self._src]
         vs[self._dst[0], :, self._dst[1]] = v.transpose(1, 2)[self._src]
