@@ -29,16 +29,28 @@ DEFAULT_MODEL = str(MODEL_DIR)
 
 def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g = p.add_argument_group("worker")
-    config.add(g, "--model", default=DEFAULT_MODEL, help="checkpoint directory to serve")
+    config.add(g, "--model", default=DEFAULT_MODEL,
+               help="checkpoint to serve: a directory, or a Hugging Face id (e.g. "
+                    "GSAI-ML/LLaDA-8B-Instruct) found in the cache or downloaded into it")
+    config.add(g, "--revision", default=None,
+               help="branch, tag or commit of a Hugging Face id given to --model "
+                    "(default: main)")
+    config.add(g, "--download-dir", default=None,
+               help="Hugging Face cache for the ids of --model, --tokenizer and --apd-verifier "
+                    "(default: huggingface_hub's, HF_HUB_CACHE or HF_HOME/hub); HF_HUB_OFFLINE=1 "
+                    "reads it only, HF_TOKEN opens gated repos")
     config.add(g, "--served-model-name", default=None,
-               help="name clients use (default: the directory's name)")
-    config.add(g, "--tokenizer", default=None, help="tokenizer directory (default: --model)")
+               help="name clients use (default: --model as given for a Hugging Face id, the "
+                    "directory's name for a directory)")
+    config.add(g, "--tokenizer", default=None,
+               help="tokenizer directory or Hugging Face id (default: --model's)")
     config.add(g, "--chat-template", default=None, help="Jinja chat template file")
     config.add(g, "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                help="weight dtype")
     config.add(g, "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
     config.add(g, "--trust-remote-code", default=False, type=bool,
-               help="allow remote code for the transformers fallback")
+               help="allow remote code for the transformers fallback (LLaDA, Dream and "
+                    "DiffusionGemma are built in and ignore it)")
     config.add(g, "--diffusion-steps", default=None, type=int,
                help="default denoising steps (default: one per generated token)")
     config.add(g, "--block-size", default=32, type=int, help="default semi-AR block length")
@@ -61,8 +73,9 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g.add_argument("--disable-apd", action="store_const", const=True, default=None,
                    help="same as --no-enable-apd [env VDIFF_ENABLE_APD=0]")
     config.add(g, "--apd-verifier", default=None,
-               help="autoregressive checkpoint sharing the model's tokenizer, APD's verifier "
-                    "(default for the built-in vdiff-tiny: vdiff-tiny-ar)")
+               help="autoregressive checkpoint (directory or Hugging Face id) sharing the "
+                    "model's tokenizer, APD's verifier (default for the built-in vdiff-tiny: "
+                    "vdiff-tiny-ar)")
     config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
                help="sequences decoded together per step")
     config.add(g, "--max-queue-size", default=256, type=int,
@@ -151,7 +164,8 @@ def load_verifier(args: argparse.Namespace, loaded: LoadedModel) -> nn.Module | 
         raise ValueError(f"APD drafts with a LLaDA or Dream model; {args.model} is a "
                          f"{loaded.kind} checkpoint")
     verifier = load_model(args.apd_verifier, dtype=args.dtype, device=str(loaded.device),
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code,
+                          download_dir=args.download_dir)
     if verifier.kind != "ar":
         raise ValueError(f"--apd-verifier {args.apd_verifier} is a {verifier.kind} checkpoint; "
                          "APD needs an autoregressive (causal LM) one")
@@ -190,7 +204,8 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         loaded = load_model(args.model, dtype=dtype, device=_device(args.device),
                             tokenizer_path=args.tokenizer, chat_template=args.chat_template,
-                            trust_remote_code=args.trust_remote_code)
+                            trust_remote_code=args.trust_remote_code, revision=args.revision,
+                            download_dir=args.download_dir)
     except CheckpointError as err:
         logger.error("cannot load model: {}", err)
         return 2

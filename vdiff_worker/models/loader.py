@@ -1,5 +1,9 @@
 """Checkpoint loading: pick the implementation from config.json, load weights, tokenizer.
 
+A checkpoint is a local directory or a Hugging Face id (``hub``): an id is resolved in two
+steps, its config.json first, so that an architecture vdiff cannot serve is refused before
+gigabytes of weights are downloaded, then the files that architecture needs.
+
 LLaDA and Dream are native: built on the meta device and filled from memory-mapped
 safetensors. DiffusionGemma and any other causal LM (the autoregressive fallback) load
 through transformers; remote code is allowed for the fallback only, when asked. Every
@@ -24,6 +28,7 @@ from loguru import logger
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from vdiff_worker.models import hub
 from vdiff_worker.models.ar import CausalLM
 from vdiff_worker.models.config import get_int
 from vdiff_worker.models.dream import DreamConfig, DreamModel
@@ -48,8 +53,8 @@ _FALLBACK_MAX_LEN = 2048
 class LoadedModel:
     model: nn.Module  # eval mode, on device, requires_grad False
     kind: str  # "llada" | "dream" | "ar" | "diffusion_gemma"
-    name: str  # default served name: the directory's basename
-    path: str
+    name: str  # default served name: the Hub id as given, or the directory's basename
+    path: str  # the directory read: the local one, or the id's snapshot in the cache
     tokenizer: Tokenizer
     mask_token_id: int | None
     max_model_len: int
@@ -139,17 +144,36 @@ def load_model(
     tokenizer_path: str | None = None,
     chat_template: str | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
+    download_dir: str | None = None,
 ) -> LoadedModel:
-    root = Path(path)
-    cfg = read_config(root)
+    """Load ``path``: a checkpoint directory, or a Hugging Face id at ``revision`` (cached
+    in ``download_dir``, by default huggingface_hub's cache)."""
+    source = hub.locate(path, files=hub.CONFIG_FILES, revision=revision,
+                        download_dir=download_dir)
+    if source.repo_id is None and revision:
+        logger.warning("--revision {} applies to Hugging Face ids; {} is a local directory, "
+                       "served as it is", revision, path)
+    cfg = read_config(source.root)
     kind = detect_kind(cfg, trust_remote_code)
+    if trust_remote_code and kind in _KINDS:
+        logger.info("--trust-remote-code: {} is built in, so the checkpoint's own code is "
+                    "neither downloaded nor run", kind)
+    if source.repo_id is not None:
+        remote = kind == "ar" and trust_remote_code and bool(cfg.get("auto_map"))
+        files = (*hub.MODEL_FILES, *(hub.REMOTE_CODE_FILES if remote else ()))
+        source = hub.fetch(source, files)
+        hub.check_complete(source)
+    root = source.root
+    # Before the weights: a wrong --tokenizer fails in seconds, not after loading them.
+    tok_root = _tokenizer_root(tokenizer_path, root, download_dir)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, cfg, torch_device)
     logger.info("loading {} checkpoint {} as {} on {}", kind, root, torch_dtype, torch_device)
     request = _Request(root, cfg, torch_dtype, torch_device, trust_remote_code)
     built = _KINDS[kind][2](request) if kind in _KINDS else _build_ar(request)
     tokenizer = _load_tokenizer(
-        Path(tokenizer_path) if tokenizer_path else root,
+        tok_root,
         root,
         cfg,
         chat_template,
@@ -163,7 +187,8 @@ def load_model(
     return LoadedModel(
         model=built.model,
         kind=kind,
-        name=root.resolve().name,
+        # The name the user typed for an id, as vLLM serves it; a directory's own name.
+        name=source.repo_id or root.resolve().name,
         path=str(root),
         tokenizer=tokenizer,
         mask_token_id=mask_token_id,
@@ -171,6 +196,20 @@ def load_model(
         dtype=torch_dtype,
         device=torch_device,
     )
+
+
+def _tokenizer_root(spec: str | None, root: Path, download_dir: str | None) -> Path:
+    """--tokenizer's directory: the checkpoint's own, a local one, or a Hub id's files.
+
+    An id's tokenizer comes from its default revision: --revision is the model's.
+    """
+    if spec is None:
+        return root
+    source = hub.locate(spec, files=hub.TOKENIZER_FILES, download_dir=download_dir,
+                        what="tokenizer")
+    if source.repo_id is not None:
+        hub.check_complete(source, weights=False)
+    return source.root
 
 
 def read_config(root: Path) -> dict[str, Any]:
