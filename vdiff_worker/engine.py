@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import jinja2
@@ -172,13 +172,27 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> None:
-        active = [s for s in self.running if s.pending is not None]
+        active = self._due([s for s in self.running if s.pending is not None])
         before = [s.committed() for s in active]
         calls = [Call(s.pending, s.slots.get(s.pending.model)) for s in active
                  if s.pending is not None]
         for seq, out in zip(active, self.runner.run(calls)):
             seq.advance(out)
         self._postprocess(active, before, calls)
+
+    def _due(self, pending: list[Sequence]) -> list[Sequence]:
+        """The sequences whose pass runs this step. Passes of different models cannot share
+        a call: when several models have passes pending, those of the model with the most run
+        and the others wait one step (no longer), so sequences that alternate between models
+        (APD's draft and verifier) fall into step and share their calls."""
+        rows = Counter(s.pending.model for s in pending if s.pending is not None)
+        if len(rows) < 2:
+            return pending
+        lead = max(rows, key=lambda m: rows[m])
+        due = [s for s in pending if s.waited or (s.pending and s.pending.model == lead)]
+        for s in pending:
+            s.waited = s not in due
+        return due
 
     def _postprocess(self, active: list[Sequence], before: list[int], calls: list[Call]) -> None:
         self.steps += 1

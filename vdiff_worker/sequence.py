@@ -33,6 +33,7 @@ class Sequence:
     stopped_by_token: bool = False
     pending: Forward | None = None
     slots: dict[str, int] = field(default_factory=dict)  # cache slot per model, while running
+    waited: bool = False  # its pass was held back a step for another model's (engine._due)
 
     def __post_init__(self) -> None:
         self._steps = self.strategy.run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -121,3 +122,23 @@ def test_the_default_is_threshold_with_the_dual_cache(engines: dict[str, Harness
     # A field only the reference reads selects it rather than being refused.
     assert h.run(LLADA[:1], diffusion_steps=8) == \
         h.run(LLADA[:1], decoding="reference", diffusion_steps=8)
+
+
+def test_passes_of_the_busier_model_go_first_and_the_others_wait_one_step(
+        engines: dict[str, Harness]) -> None:
+    engine = engines["dream"].engine
+
+    def seq(model: str, waited: bool = False) -> Any:
+        return SimpleNamespace(pending=SimpleNamespace(model=model), waited=waited)
+
+    drafts, check = [seq("main"), seq("main")], seq("verifier")
+    assert engine._due([*drafts, check]) == drafts  # type: ignore[arg-type]
+    assert check.waited
+    # Next step the drafts have moved on to their verifier passes: all three share one call,
+    # and a pass that waited goes whatever the counts.
+    late = seq("main")
+    due = engine._due([check, *[seq("verifier") for _ in drafts], late])  # type: ignore[arg-type]
+    assert check in due and late not in due and late.waited and not check.waited
+    rest = [late, seq("verifier"), seq("verifier")]
+    assert engine._due(rest) == rest  # type: ignore[arg-type]
+    assert not late.waited
