@@ -71,7 +71,8 @@ class Runner:
             try:
                 store = SlotStore(shape.layers, self.slots, shape.kv_heads, self.max_len,
                                   shape.head_dim, weight.dtype, weight.device)
-            except torch.OutOfMemoryError as err:
+            # A device says OutOfMemoryError; a host allocator that cannot, RuntimeError.
+            except (torch.OutOfMemoryError, RuntimeError) as err:
                 raise CacheMemoryError(
                     f"cannot allocate the KV cache of {self.slots} sequences x {self.max_len} "
                     f"positions for the {model} model; lower --max-num-seqs") from err

@@ -7,7 +7,7 @@ import queue
 import pytest
 
 from tests.conftest import GOLDEN
-from vdiff_common.protocol import Chunk, Done, Generate, Message, SamplingParams
+from vdiff_common.protocol import Chunk, Done, Error, Generate, Message, SamplingParams
 from vdiff_worker.admission import Defaults
 from vdiff_worker.engine import Engine
 from vdiff_worker.models import load_model
@@ -46,3 +46,24 @@ def test_a_job_without_stream_gets_one_done_per_choice_with_the_whole_answer(
         assert "".join(p.text for p in parts) == done.text  # type: ignore[union-attr]
         assert [t for p in parts for t in p.token_ids] == done.token_ids  # type: ignore[union-attr]
         assert done.token_ids and done.completion_tokens >= len(done.token_ids)
+
+
+def test_a_request_whose_cache_cannot_be_allocated_fails_alone() -> None:
+    inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    # Slots for a million sequences do not fit anywhere: the first cached request finds out.
+    e = Engine(load_model(str(GOLDEN / "llada-tiny")), Defaults(block_length=8), inbox.put,
+               max_num_seqs=1 << 20)
+    e.start()
+    try:
+        ids = [481, 30, 31, 32]
+        e.submit(Generate("cached", "m", prompt_ids=ids, stream=False, params=SamplingParams(
+            max_tokens=8, decoding="threshold", cache="dual")))
+        e.submit(Generate("plain", "m", prompt_ids=ids, stream=False, params=SamplingParams(
+            max_tokens=8, decoding="threshold", cache="none")))
+        got = {m.request_id: m for m in (inbox.get(timeout=60) for _ in range(2))}
+    finally:
+        e.stop()
+    failed = got["cached"]
+    assert isinstance(failed, Error) and failed.status == 503
+    assert "--max-num-seqs" in failed.message
+    assert isinstance(got["plain"], Done)

@@ -9,7 +9,7 @@ from tests.conftest import GOLDEN
 from tests.worker.drive import runner
 from vdiff_worker.decoding.base import Cached, Forward, full_sequence
 from vdiff_worker.models import LoadedModel, load_model
-from vdiff_worker.runner import Call
+from vdiff_worker.runner import CacheMemoryError, Call
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,11 @@ def test_a_pass_beyond_the_slot_is_refused(llada: LoadedModel) -> None:
                          Cached(write=0, keys=24))
     with torch.no_grad(), pytest.raises(ValueError, match="beyond the cache"):
         run.run([Call(call, slots["main"])])
+
+
+def test_a_cache_that_cannot_be_allocated_fails_alone_with_a_clear_error(
+        llada: LoadedModel) -> None:
+    run = runner({"main": llada.model}, slots=1 << 20, max_len=1 << 20)
+    with pytest.raises(CacheMemoryError, match="lower --max-num-seqs"):
+        run.acquire(frozenset({"main"}))
+    assert run.acquire(frozenset()) == {}  # passes without a cache still run
