@@ -20,7 +20,7 @@ from starlette.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from vdiff_api import __version__, metrics, openapi
-from vdiff_api.dispatcher import Dispatcher, NoWorker, Result
+from vdiff_api.backend import Backend, NoWorker, Result, Snapshot
 from vdiff_api.errors import APIError, from_validation
 from vdiff_api.frontdoor import Access, FrontDoor, Policy, access_of
 from vdiff_api.requests import Plan, messages, plan
@@ -80,6 +80,12 @@ class _Usage:
                 "total_tokens": p + self.completion, "forward_passes": self.forward_passes}
 
 
+def _card(info: ModelInfo) -> dict[str, object]:
+    """A model as OpenAI lists it, with vLLM's max_model_len."""
+    return {"id": info.name, "object": "model", "created": 0, "owned_by": "vdiff",
+            "root": info.name, "max_model_len": info.max_model_len}
+
+
 async def _chain(first: tuple[int, Result], rest: AsyncGenerator[tuple[int, Result], None],
                  ) -> AsyncGenerator[tuple[int, Result], None]:
     try:
@@ -129,9 +135,9 @@ async def _until_disconnect(request: Request, body: AsyncGenerator[bytes, None],
 
 
 class Gateway:
-    def __init__(self, dispatcher: Dispatcher, settings: Settings,
+    def __init__(self, backend: Backend, settings: Settings,
                  policy: Policy | None = None) -> None:
-        self.dispatcher = dispatcher
+        self.backend = backend
         self.settings = settings
         self.policy = policy or Policy()
         self.draining = False
@@ -141,6 +147,8 @@ class Gateway:
                 Route("/v1/completions", self.completions, methods=["POST"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
+                # :path, since a served name may hold a slash ("org/model"; the SDK sends %2F)
+                Route("/v1/models/{model:path}", self.retrieve_model, methods=["GET"]),
                 Route("/v1/engine/stats", self.engine_stats, methods=["GET"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
                 Route("/detokenize", self.detokenize, methods=["POST"]),
@@ -160,18 +168,17 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        await self.dispatcher.start()
+        await self.backend.start()
         try:
             yield
         finally:
-            await self.dispatcher.stop()
+            await self.backend.stop()
 
     # ---- health & info ---------------------------------------------------------------------
-    def is_ready(self) -> bool:
-        served = self.dispatcher.models()
-        if self.draining or not served:
+    def is_ready(self, state: Snapshot) -> bool:
+        if self.draining or not state.models:
             return False
-        return all(m in served for m in self.settings.expected_models)
+        return all(m in state.models for m in self.settings.expected_models)
 
     async def live(self, request: Request) -> Response:
         """Liveness: the gateway process answers."""
@@ -179,15 +186,16 @@ class Gateway:
 
     async def ready(self, request: Request) -> Response:
         """Readiness: 200 once a worker serves every expected model; 503 while draining."""
-        ok = self.is_ready()
+        ok = self.is_ready(self.backend.snapshot())
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
     async def health(self, request: Request) -> Response:
         """Gateway and worker state: readiness, draining, requests in flight, workers."""
-        workers = [{"id": w.worker_id, "models": sorted(w.models), "draining": w.draining,
+        state = self.backend.snapshot()
+        workers = [{"id": w.id, "models": w.models, "draining": w.draining,
                     "running": w.load.running, "waiting": w.load.waiting,
-                    "inflight": len(w.inflight)} for w in self.dispatcher.workers.values()]
-        ok = self.is_ready()
+                    "inflight": w.inflight} for w in state.workers]
+        ok = self.is_ready(state)
         return JSONResponse({"status": "ok" if ok else "unavailable", "ready": ok,
                              "draining": self.draining, "active_requests": self.active,
                              "workers": workers},
@@ -211,22 +219,28 @@ class Gateway:
 
     async def engine_stats(self, request: Request) -> Response:
         """Per-worker engine statistics: load, steps per second, batch sizes."""
-        workers = [{"id": w.worker_id, "models": sorted(w.models), "running": w.load.running,
+        workers = [{"id": w.id, "models": w.models, "running": w.load.running,
                     "waiting": w.load.waiting, "free_slots": w.load.free_slots,
-                    "inflight": len(w.inflight), "capacity": w.capacity,
+                    "inflight": w.inflight, "capacity": w.capacity,
                     "steps_per_s": w.load.steps_per_s,
                     "tokens_per_forward": w.load.tokens_per_forward,
                     "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max},
                     "model_calls": w.load.model_calls, "model_rows": w.load.model_rows}
-                   for w in self.dispatcher.workers.values()]
+                   for w in self.backend.snapshot().workers]
         return JSONResponse({"workers": workers})
 
     async def list_models(self, request: Request) -> Response:
         """The models the connected workers serve (OpenAI list of models)."""
-        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "vdiff",
-                 "root": m.name, "max_model_len": m.max_model_len}
-                for m in self.dispatcher.models().values()]
+        data = [_card(m) for m in self.backend.snapshot().models.values()]
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: Request) -> Response:
+        """One served model (OpenAI retrieve model); 404 for a model no worker ever served."""
+        try:
+            info = self._resolve(request.path_params["model"])
+        except APIError as err:
+            return err.response()
+        return JSONResponse(_card(info))
 
     # ---- tokenizer -----------------------------------------------------------------------
     async def tokenize(self, request: Request) -> Response:
@@ -259,11 +273,11 @@ class Gateway:
                          ) -> tuple[ModelInfo, Tokens]:
         """Ask a worker serving `model` to (de)tokenize; its errors become APIErrors."""
         access = access_of(request)
-        info = self._model(model)
+        info = self._resolve(model)
         access.model = info.name
         msg = Tokenize(request_id=access.request_id, model=info.name, **fields)
         try:
-            reply = await self.dispatcher.call(msg, access.trace)
+            reply = await self.backend.call(msg, access.trace)
         except NoWorker as err:
             raise APIError(err.status, err.message, param="model") from None
         if isinstance(reply, Error):
@@ -304,7 +318,7 @@ class Gateway:
 
     async def _plan(self, request: Request, schema: type, rid: str) -> Plan:
         req: CompletionRequest | ChatCompletionRequest = await self._decode(request, schema)
-        info = self._model(req.model)
+        info = self._resolve(req.model)
         return plan(req, rid, info)
 
     async def _decode(self, request: Request, schema: type[T]) -> T:
@@ -335,26 +349,17 @@ class Gateway:
         access_of(request).received = time.perf_counter()
         return b"".join(chunks)
 
-    def _model(self, name: str | None) -> ModelInfo:
-        served = self.dispatcher.models()
-        if not served:
-            # A gateway with no live worker (just started, or its workers are gone) cannot
-            # tell a model that does not exist from one whose workers have not arrived yet.
-            raise APIError(503, "no worker is registered yet; retry shortly", param="model")
-        if name is None:
-            if len(served) == 1:
-                return next(iter(served.values()))
-            raise APIError(400, "'model' is required", param="model")
-        if name in served:
-            return served[name]
-        if name in self.dispatcher.seen_models:
-            raise APIError(503, f"no worker serving model '{name}' is available", param="model")
-        raise APIError(404, f"The model '{name}' does not exist.", param="model")
+    def _resolve(self, name: str | None) -> ModelInfo:
+        """The backend's answer to which model a request names, as an HTTP error if none."""
+        try:
+            return self.backend.resolve(name)
+        except NoWorker as err:
+            raise APIError(err.status, err.message, param="model") from None
 
     async def _results(self, the_plan: Plan, access: Access, watch: Request | None = None,
                        ) -> AsyncGenerator[tuple[int, Result], None]:
         """Merge the results of all jobs; yields (global choice index, message) until every
-        choice is done or an Error arrives. Results are put on the queue by the dispatcher
+        choice is done or an Error arrives. Results are put on the queue by the backend
         as they come off the socket: no task per job between them and this generator.
         With `watch`, the client closing its connection ends it with a 499 Error (and the
         jobs are aborted on their workers)."""
@@ -376,7 +381,7 @@ class Gateway:
                     queue.put_nowait((k * the_plan.n + (0 if isinstance(msg, Error)
                                                         else msg.index), msg))
                 try:
-                    started.append(self.dispatcher.dispatch(job, access.trace, deliver))
+                    started.append(self.backend.dispatch(job, access.trace, deliver))
                 except NoWorker as err:
                     yield 0, Error(job.request_id, err.status, err.message)
                     return
@@ -392,7 +397,7 @@ class Gateway:
             if gone is not None:
                 gone.cancel()
             for rid in started:
-                self.dispatcher.finish(rid)  # aborts what is still running: the client left
+                self.backend.abort(rid)  # what is still running: the client left
             self.active -= 1
             metrics.ACTIVE.dec()
 

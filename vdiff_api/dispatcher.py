@@ -16,6 +16,7 @@ from loguru import logger
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from vdiff_api import metrics
+from vdiff_api.backend import NoWorker, Result, Snapshot, Trace, WorkerState
 from vdiff_common import protocol, transport
 from vdiff_common.curve import Keys
 from vdiff_common.protocol import (
@@ -29,17 +30,6 @@ from vdiff_common.protocol import (
     Tokenize,
     Tokens,
 )
-
-Result = Chunk | Done | Error
-
-
-class NoWorker(Exception):
-    """No live worker serves the model (status says 404 never seen, 503 gone or full)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass
@@ -56,19 +46,6 @@ class Worker:
     def score(self) -> int:
         # Heartbeat load lags; our own in-flight count is exact for what we sent.
         return max(self.load.running + self.load.waiting, len(self.inflight))
-
-
-@dataclass
-class Trace:
-    """Where and when one HTTP request's jobs went: for the access log and Server-Timing."""
-
-    workers: set[str] = field(default_factory=set)
-    sent: float | None = None  # perf_counter when the first job left for a worker
-    answered: float = 0.0  # perf_counter when the last result arrived from one
-
-    def flight(self) -> float:
-        """Seconds between the first job out and the last result in."""
-        return 0.0 if self.sent is None else max(0.0, self.answered - self.sent)
 
 
 @dataclass
@@ -108,6 +85,8 @@ class AuthorizedKeys:
 
 
 class Dispatcher:
+    """The Backend over ZeroMQ: workers register, heartbeat and answer on one ROUTER."""
+
     def __init__(self, bind: str, heartbeat_s: float = 1.0,
                  curve: tuple[Keys, Path] | None = None) -> None:
         self.bind = bind
@@ -158,20 +137,43 @@ class Dispatcher:
         return not w.draining and time.monotonic() - w.last_seen <= 3 * self.heartbeat_s
 
     def models(self) -> dict[str, ModelInfo]:
+        """The models some routable worker serves."""
         out: dict[str, ModelInfo] = {}
         for w in self.workers.values():
             if self.routable(w):
                 out.update(w.models)
         return out
 
+    def resolve(self, model: str | None) -> ModelInfo:
+        """The served model a request names (None: the only one served); raises NoWorker
+        with the status to answer. The one place these rules live."""
+        served = self.models()
+        if not served:
+            # A gateway with no live worker (just started, or its workers are gone) cannot
+            # tell a model that does not exist from one whose workers have not arrived yet.
+            raise NoWorker(503, "no worker is registered yet; retry shortly")
+        if model is None:
+            if len(served) == 1:
+                return next(iter(served.values()))
+            raise NoWorker(400, "'model' is required")
+        if model in served:
+            return served[model]
+        if model in self.seen_models:
+            raise NoWorker(503, f"no worker serving model '{model}' is available")
+        raise NoWorker(404, f"The model '{model}' does not exist.")
+
+    def snapshot(self) -> Snapshot:
+        workers = [WorkerState(id=w.worker_id, models=sorted(w.models), draining=w.draining,
+                               capacity=w.capacity, inflight=len(w.inflight), load=w.load)
+                   for w in self.workers.values()]
+        return Snapshot(models=self.models(), workers=workers)
+
     def _live(self, model: str, exclude: bytes | None = None) -> list[Worker]:
+        self.resolve(model)  # its 404/503 refusals, the same the gateway gave
         live = [w for w in self.workers.values()
                 if model in w.models and self.routable(w) and w.identity != exclude]
-        if not live:
-            # With no worker at all (a fresh gateway) nobody can say the model does not exist.
-            if model in self.seen_models or not self.workers:
-                raise NoWorker(503, f"no worker serving model '{model}' is available")
-            raise NoWorker(404, f"The model '{model}' does not exist.")
+        if not live:  # only the excluded worker serves it
+            raise NoWorker(503, f"no worker serving model '{model}' is available")
         return live
 
     def _pick(self, model: str, exclude: bytes | None = None) -> Worker:
@@ -192,7 +194,7 @@ class Dispatcher:
                  ) -> str:
         """Send a job (raises NoWorker when none can take it); `deliver` gets its results,
         straight from the socket, until every choice is Done or an Error ends it. Returns
-        the job's id for `finish`."""
+        the job's id for `abort`."""
         worker = self._pick(msg.model)
         msg = msgspec.structs.replace(msg, request_id=self._unique(msg.request_id, self.jobs))
         job = Job(msg=msg, deliver=deliver, trace=trace, open_choices=msg.n)
@@ -200,7 +202,7 @@ class Dispatcher:
         self._send_job(job, worker)
         return msg.request_id
 
-    def finish(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> None:
         """The caller stops listening: a job still running is aborted on its worker."""
         self._end(request_id, abort=True)
 
@@ -236,7 +238,7 @@ class Dispatcher:
             if abort:
                 self._send(worker.identity, Abort(request_id=request_id))
 
-    def _send(self, identity: bytes, msg: protocol.Message) -> None:
+    def _send(self, identity: bytes, msg: protocol.ToWorker) -> None:
         assert self._chan is not None
         if not self._chan.send([identity, protocol.encode(msg)]):
             logger.warning("send to {!r} failed", identity)
@@ -247,11 +249,11 @@ class Dispatcher:
             self.frames.reject(frames[0] if frames else b"?", ValueError("bad frame count"))
             return
         identity, payload = frames
-        msg = transport.try_decode(payload, identity, self.frames)
+        msg = transport.try_decode(payload, identity, self.frames, protocol.decode_for_gateway)
         if msg is not None:
             self._handle(identity, msg)
 
-    def _handle(self, identity: bytes, msg: protocol.Message) -> None:
+    def _handle(self, identity: bytes, msg: protocol.ToGateway) -> None:
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
@@ -283,8 +285,6 @@ class Dispatcher:
             if worker is not None:
                 logger.info("worker {} says goodbye; no new work goes to it", worker.worker_id)
                 worker.draining = True
-        else:
-            self.frames.reject(identity, ValueError(f"unexpected {type(msg).__name__}"))
 
     def _register(self, identity: bytes, msg: protocol.Register) -> None:
         if msg.version != protocol.PROTOCOL_VERSION:

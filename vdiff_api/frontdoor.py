@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vdiff_api.auth import APIKeys
-from vdiff_api.dispatcher import Trace
+from vdiff_api.backend import Trace
 from vdiff_api.errors import APIError
 from vdiff_api.ratelimit import RateLimiter
 

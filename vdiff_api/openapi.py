@@ -8,6 +8,7 @@ differently (null in a union, numeric exclusive bounds) and drops empty `require
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,7 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
         "message": {"type": "string"}, "type": {"type": "string"},
         "param": {"type": "string", "nullable": True}, "code": {"type": "integer"}}}}}
 _REF = "#/components/schemas/{name}"
+_CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # Starlette's "{model:path}" is OpenAPI's "{model}"
 
 DOCS_HTML = """<!DOCTYPE html>
 <html lang="en">
@@ -95,6 +97,7 @@ def spec(routes: list[BaseRoute], version: str, needs_key: Callable[[str], bool]
             continue  # the mounted static assets
         doc = (route.endpoint.__doc__ or route.name).strip().splitlines()
         tag = next((t for prefix, t in _TAGS if route.path.startswith(prefix)), "Operations")
+        path = _CONVERTOR.sub(r"{\1}", route.path)
         for method in sorted((route.methods or set()) - {"HEAD"}):
             op: dict[str, Any] = {
                 "operationId": f"{route.name}_{method.lower()}", "summary": doc[0],
@@ -105,13 +108,17 @@ def spec(routes: list[BaseRoute], version: str, needs_key: Callable[[str], bool]
                         name="Error")}}}}}}
             if len(doc) > 1:
                 op["description"] = " ".join(line.strip() for line in doc[1:]).strip()
+            if route.param_convertors:
+                op["parameters"] = [{"name": name, "in": "path", "required": True,
+                                     "schema": {"type": "string"}}
+                                    for name in route.param_convertors]
             if route.path in body_ref:
                 op["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": body_ref[route.path]}}}
             if needs_key(route.path):
                 op["security"] = [{"bearer": []}]
                 keyed = True
-            paths.setdefault(route.path, {})[method.lower()] = op
+            paths.setdefault(path, {})[method.lower()] = op
     out: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "vdiff", "version": version,

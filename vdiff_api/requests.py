@@ -64,7 +64,7 @@ def _params(req: _Sampling, info: ModelInfo) -> SamplingParams:
         eos_early_stop=req.eos_early_stop)
 
 
-def messages(chat: list[ChatMessage]) -> list[dict[str, Any]]:
+def messages(chat: list[ChatMessage]) -> list[dict[str, str]]:
     """Chat messages as the worker's chat template takes them; only text content."""
     out = []
     for i, m in enumerate(chat):

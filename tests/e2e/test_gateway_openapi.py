@@ -12,10 +12,10 @@ from openapi_spec_validator import validate
 from tests.conftest import Server, free_port, spawn, wait_ready
 
 ROUTES = {"/v1/completions": {"post"}, "/v1/chat/completions": {"post"},
-          "/v1/models": {"get"}, "/v1/engine/stats": {"get"}, "/tokenize": {"post"},
-          "/detokenize": {"post"}, "/health": {"get"}, "/health/live": {"get"},
-          "/health/ready": {"get"}, "/metrics": {"get"}, "/version": {"get"},
-          "/openapi.json": {"get"}, "/docs": {"get"}}
+          "/v1/models": {"get"}, "/v1/models/{model}": {"get"}, "/v1/engine/stats": {"get"},
+          "/tokenize": {"post"}, "/detokenize": {"post"}, "/health": {"get"},
+          "/health/live": {"get"}, "/health/ready": {"get"}, "/metrics": {"get"},
+          "/version": {"get"}, "/openapi.json": {"get"}, "/docs": {"get"}}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,9 @@ def test_openapi_is_valid_and_covers_every_route(plain: str) -> None:
     assert body["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ChatCompletionRequest"}
     assert "securitySchemes" not in doc["components"]  # no keys, no security
+    retrieve = doc["paths"]["/v1/models/{model}"]["get"]
+    assert retrieve["parameters"] == [{"name": "model", "in": "path", "required": True,
+                                       "schema": {"type": "string"}}]
 
 
 def test_openapi_names_bearer_security_where_a_key_is_needed(secured: Server) -> None:

@@ -22,6 +22,24 @@ def test_models_list_shows_served_model(client: openai.OpenAI) -> None:
     assert models[0].model_extra["max_model_len"] == 512
 
 
+def test_models_retrieve_gives_the_listed_model(client: openai.OpenAI) -> None:
+    model = client.models.retrieve("llada-tiny")
+    assert model == client.models.list().data[0]
+    assert model.id == "llada-tiny" and model.object == "model"
+    assert model.model_extra["max_model_len"] == 512
+
+
+def test_models_retrieve_unknown_is_openai_404(client: openai.OpenAI,
+                                               llada_server: Server) -> None:
+    for name in ("nope", "org/nope"):  # the SDK sends the slash as %2F
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve(name)
+        assert err.value.body == {"message": f"The model '{name}' does not exist.",
+                                  "type": "not_found_error", "param": "model", "code": 404}
+    raw = httpx.get(llada_server.url + "/models/nope")
+    assert raw.status_code == 404 and set(raw.json()) == {"error"}
+
+
 def test_completion(client: openai.OpenAI) -> None:
     out = client.completions.create(model="llada-tiny", prompt="What is 2 + 3?", max_tokens=16)
     choice = out.choices[0]
