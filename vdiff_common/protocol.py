@@ -1,8 +1,10 @@
-"""Wire protocol between gateways and workers: the only place message shapes are defined."""
+"""Wire protocol between gateways and workers: the only place message shapes are defined.
+
+Each message goes one way, and each side decodes only the union of what it may receive: a
+message of the other direction fails to decode there, and is counted and dropped like any
+other bad frame."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import msgspec
 
@@ -80,7 +82,7 @@ class Generate(msgspec.Struct, tag=True):
     model: str
     prompt: str | None = None
     prompt_ids: list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[dict[str, str]] | None = None  # role, content: as chat templates take them
     params: SamplingParams = SamplingParams()
     n: int = 1
     stream: bool = True
@@ -130,7 +132,7 @@ class Tokenize(msgspec.Struct, tag=True):
     request_id: str
     model: str
     prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
+    messages: list[dict[str, str]] | None = None  # role, content: as chat templates take them
     tokens: list[int] | None = None
 
 
@@ -142,17 +144,30 @@ class Tokens(msgspec.Struct, tag=True):
     text: str = ""
 
 
-Message = (Register | Welcome | Heartbeat | Generate | Abort | Chunk | Done | Error | Goodbye
-           | Tokenize | Tokens)
+ToWorker = Welcome | Heartbeat | Generate | Abort | Tokenize  # what a gateway sends
+ToGateway = Register | Heartbeat | Chunk | Done | Error | Goodbye | Tokens  # a worker sends
+Message = ToWorker | ToGateway
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Message)
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_to_gateway = msgspec.msgpack.Decoder(ToGateway)
+_either = msgspec.msgpack.Decoder(Message)
 
 
 def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
+# Each raises msgspec.DecodeError (or ValidationError) on a bad frame or one going the other way.
+def decode_for_worker(frame: bytes) -> ToWorker:
+    return _to_worker.decode(frame)
+
+
+def decode_for_gateway(frame: bytes) -> ToGateway:
+    return _to_gateway.decode(frame)
+
+
 def decode(frame: bytes) -> Message:
-    """Typed decode; raises msgspec.DecodeError (or ValidationError) on a bad frame."""
-    return _decoder.decode(frame)
+    """Either direction: for tools that stand in for one side (bench/reliability.py's
+    hostile worker); the gateway and the worker decode only their own union."""
+    return _either.decode(frame)

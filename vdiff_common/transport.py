@@ -6,15 +6,16 @@ import asyncio
 import ipaddress
 import threading
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 from urllib.parse import urlsplit
 
 import msgspec
 import zmq
 from loguru import logger
 
-from vdiff_common import protocol
 from vdiff_common.curve import Keys
+
+M = TypeVar("M")
 
 
 class FrameCounter:
@@ -34,9 +35,11 @@ class FrameCounter:
             logger.warning("dropping undecodable frame from peer {!r}: {}", peer[:32], err)
 
 
-def try_decode(frame: bytes, peer: bytes, counter: FrameCounter) -> protocol.Message | None:
+def try_decode(frame: bytes, peer: bytes, counter: FrameCounter,
+               decode: Callable[[bytes], M]) -> M | None:
+    """`decode` is the receiver's own (protocol.decode_for_gateway or _for_worker)."""
     try:
-        return protocol.decode(frame)
+        return decode(frame)
     except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as err:
         counter.reject(peer, err)
         return None

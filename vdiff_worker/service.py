@@ -15,6 +15,8 @@ from vdiff_common import protocol, transport
 from vdiff_common.curve import Keys
 from vdiff_common.protocol import (
     Abort,
+    Chunk,
+    Done,
     Error,
     Generate,
     Heartbeat,
@@ -76,18 +78,20 @@ class WorkerService:
     def emit(self, msg: protocol.Message) -> None:
         """Sent from the engine thread itself: a result does not wait for the event loop.
         The engine addresses results by request id; the link they go back on is known here."""
-        rid = getattr(msg, "request_id", None)
-        owner = self._owners.get(rid) if isinstance(rid, str) else None
+        if not isinstance(msg, (Chunk, Done, Error)):
+            return  # the engine emits only results
+        rid = msg.request_id
+        owner = self._owners.get(rid)
         if owner is None:
             return
         link, left = owner
-        if isinstance(msg, Error) or (isinstance(msg, protocol.Done) and left <= 1):
-            self._owners.pop(str(rid), None)
-        elif isinstance(msg, protocol.Done):
-            self._owners[str(rid)] = (link, left - 1)
+        if isinstance(msg, Error) or (isinstance(msg, Done) and left <= 1):
+            self._owners.pop(rid, None)
+        elif isinstance(msg, Done):
+            self._owners[rid] = (link, left - 1)
         self._send(link, msg)
 
-    def _send(self, link: Link, msg: protocol.Message) -> None:
+    def _send(self, link: Link, msg: protocol.ToGateway) -> None:
         if not link.chan.send([protocol.encode(msg)]):
             logger.debug("send to {} failed", link.address)
 
@@ -143,7 +147,8 @@ class WorkerService:
             self._on_message(index, link, payload)
 
     def _on_message(self, index: int, link: Link, payload: bytes) -> None:
-        msg = transport.try_decode(payload, link.address.encode(), self.frames)
+        msg = transport.try_decode(payload, link.address.encode(), self.frames,
+                                   protocol.decode_for_worker)
         if msg is None:
             return
         link.last_heard = time.monotonic()
@@ -157,9 +162,7 @@ class WorkerService:
             self._send(link, self._tokenize(msg))
         elif isinstance(msg, Welcome):
             self._welcome(link, msg)
-        elif not isinstance(msg, Heartbeat):
-            self.frames.reject(link.address.encode(),
-                               ValueError(f"unexpected {type(msg).__name__}"))
+        # A Heartbeat only says the gateway is there: last_heard above.
 
     def _tokenize(self, msg: Tokenize) -> Tokens | Error:
         """Answered here, in the network thread: the tokenizer alone is cheap."""
