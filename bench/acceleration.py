@@ -66,10 +66,17 @@ def answer(ids: list[int]) -> list[int]:
 
 def request(case: dict[str, Any]) -> dict[str, Any]:
     p = case["params"]
-    body = {"model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": p["gen_length"],
-            "diffusion_steps": p["steps"], "block_length": p["block_length"],
-            "remasking": p["remasking"], "temperature": p["temperature"],
-            "return_token_ids": True, "eos_early_stop": False}
+    body = {
+        "model": "llada-tiny",
+        "prompt": case["prompt_ids"],
+        "max_tokens": p["gen_length"],
+        "diffusion_steps": p["steps"],
+        "block_length": p["block_length"],
+        "remasking": p["remasking"],
+        "temperature": p["temperature"],
+        "return_token_ids": True,
+        "eos_early_stop": False,
+    }
     if "cfg_scale" in p:
         body["cfg_scale"] = p["cfg_scale"]
     return body
@@ -77,6 +84,7 @@ def request(case: dict[str, Any]) -> dict[str, Any]:
 
 def run_pass(server: Server, concurrency: int) -> tuple[float, list[list[int]]]:
     """All cases with `concurrency` streams; (canvas tokens/s, answers in case order)."""
+
     def one(case: dict[str, Any]) -> list[int]:
         r = httpx.post(server.url + "/completions", json=request(case), timeout=600)
         r.raise_for_status()
@@ -105,9 +113,14 @@ def weight_mib(flags: list[str]) -> float:
     from vdiff_worker.models import load_model
 
     opts = accel.Options.from_flags(
-        compile=False, compile_mode="default", attention="sdpa", flash_attention=None,
-        quantization=flags[flags.index("--quantization") + 1] if "--quantization" in flags
-        else None)
+        compile=False,
+        compile_mode="default",
+        attention="sdpa",
+        flash_attention=None,
+        quantization=flags[flags.index("--quantization") + 1]
+        if "--quantization" in flags
+        else None,
+    )
     dtype = flags[flags.index("--dtype") + 1] if "--dtype" in flags else "auto"
     loaded = load_model(str(GOLDEN / "llada-tiny"), dtype=accel.load_dtype(dtype, opts))
     accel.apply(loaded.model, opts, loaded.device)
@@ -137,10 +150,19 @@ def start(name: str, flags: list[str], tmp: Path, args: argparse.Namespace) -> R
     logs = tmp / re.sub(r"\W+", "_", name)
     logs.mkdir()
     began = time.perf_counter()
-    server = start_allinone(logs, "--model", str(GOLDEN / "llada-tiny"),
-                            "--num-threads", str(args.threads), "--max-num-seqs",
-                            str(args.concurrency * 2), "--metrics-port", str(mport), *flags,
-                            ready_timeout=900)
+    server = start_allinone(
+        logs,
+        "--model",
+        str(GOLDEN / "llada-tiny"),
+        "--num-threads",
+        str(args.threads),
+        "--max-num-seqs",
+        str(args.concurrency * 2),
+        "--metrics-port",
+        str(mport),
+        *flags,
+        ready_timeout=900,
+    )
     return Running(name, flags, server, mport, time.perf_counter() - began)
 
 
@@ -150,17 +172,23 @@ def summary(run: Running, base: Running) -> dict[str, Any]:
     log = run.server.procs[0].output()
     exact, agree = agreement(run.answers)
     compiled = re.search(r"warm-up compiled in ([\d.]+) s", log)
-    return {"option": run.name, "flags": " ".join(run.flags) or "-",
-            "tok_s": median(run.serial), "speedup": median(
-                [a / b for a, b in zip(run.serial, base.serial)]),
-            "tok_s_batched": median(run.batched), "speedup_batched": median(
-                [a / b for a, b in zip(run.batched, base.batched)]),
-            "rounds_tok_s": run.serial, "rounds_tok_s_batched": run.batched,
-            "startup_s": run.startup_s,
-            "compile_s": float(compiled.group(1)) if compiled else 0.0,
-            "weights_mib": weight_mib(run.flags), "peak_rss_mib": peak_rss_mib(run.metrics_port),
-            "exact": f"{exact}/{len(CASES)}", "agreement": agree,
-            "fell_back": "running eager from now on" in log or "unavailable; serving" in log}
+    return {
+        "option": run.name,
+        "flags": " ".join(run.flags) or "-",
+        "tok_s": median(run.serial),
+        "speedup": median([a / b for a, b in zip(run.serial, base.serial)]),
+        "tok_s_batched": median(run.batched),
+        "speedup_batched": median([a / b for a, b in zip(run.batched, base.batched)]),
+        "rounds_tok_s": run.serial,
+        "rounds_tok_s_batched": run.batched,
+        "startup_s": run.startup_s,
+        "compile_s": float(compiled.group(1)) if compiled else 0.0,
+        "weights_mib": weight_mib(run.flags),
+        "peak_rss_mib": peak_rss_mib(run.metrics_port),
+        "exact": f"{exact}/{len(CASES)}",
+        "agreement": agree,
+        "fell_back": "running eager from now on" in log or "unavailable; serving" in log,
+    }
 
 
 def main() -> None:
@@ -168,11 +196,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="worker --num-threads")
     ap.add_argument("--rounds", type=int, default=3, help="measurement rounds over all options")
     ap.add_argument("--concurrency", type=int, default=8, help="streams of the batched pass")
-    ap.add_argument("--only", default=None,
-                    help="comma-separated option names to run (the baseline always runs)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated option names to run (the baseline always runs)",
+    )
     args = ap.parse_args()
-    chosen = OPTIONS if args.only is None else [
-        o for o in OPTIONS if o[0] in args.only.split(",") or not o[1]]
+    chosen = (
+        OPTIONS
+        if args.only is None
+        else [o for o in OPTIONS if o[0] in args.only.split(",") or not o[1]]
+    )
     runs: list[Running] = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -182,26 +216,48 @@ def main() -> None:
                 _, runs[-1].answers = run_pass(runs[-1].server, 1)  # warm-up and accuracy
             for r in range(args.rounds):
                 print(f"... round {r + 1}/{args.rounds}", flush=True)
-                for run in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate the order
+                for run in runs[r % len(runs) :] + runs[: r % len(runs)]:  # rotate the order
                     run.serial.append(run_pass(run.server, 1)[0])
                     run.batched.append(run_pass(run.server, args.concurrency)[0])
             rows = [summary(run, runs[0]) for run in runs]
         finally:
             for run in runs:
                 run.server.procs[0].stop()
-    shown = [{k: r[k] for k in ("option", "tok_s", "speedup", "tok_s_batched",
-                                "speedup_batched", "startup_s", "weights_mib", "peak_rss_mib",
-                                "exact", "agreement")} for r in rows]
+    shown = [
+        {
+            k: r[k]
+            for k in (
+                "option",
+                "tok_s",
+                "speedup",
+                "tok_s_batched",
+                "speedup_batched",
+                "startup_s",
+                "weights_mib",
+                "peak_rss_mib",
+                "exact",
+                "agreement",
+            )
+        }
+        for r in rows
+    ]
     print(table(shown))
     base = runs[0].serial
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-               "threads": args.threads, "concurrency": args.concurrency, "rounds": args.rounds,
-               "baseline_spread": max(base) / min(base),
-               "cases": len(CASES), "canvas_tokens": sum(c["params"]["gen_length"]
-                                                         for c in CASES)}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "baseline_spread": max(base) / min(base),
+        "cases": len(CASES),
+        "canvas_tokens": sum(c["params"]["gen_length"] for c in CASES),
+    }
     path = write_json("acceleration", {"machine": machine, "results": rows})
-    print(f"\nbaseline tokens/s varied {machine['baseline_spread']:.2f}x across rounds "
-          f"(machine noise)\nwrote {path}")
+    print(
+        f"\nbaseline tokens/s varied {machine['baseline_spread']:.2f}x across rounds "
+        f"(machine noise)\nwrote {path}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,38 +29,64 @@ from vdiff_worker.tiny import MODEL_DIR
 
 KEPT = ("reference", "threshold", "threshold+dual", "factor", "factor+dual")
 STRATEGIES = [s for s in LLADA if s[0] in KEPT] + [
-    APD, ("apd R=0.5", {**APD[1], "apd_mixture_weight": 0.5})]
+    APD,
+    ("apd R=0.5", {**APD[1], "apd_mixture_weight": 0.5}),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n-per-kind", type=int, default=25)
     ap.add_argument("--gen-length", type=int, default=32, help="canvas length (max_tokens)")
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="the worker's --num-threads")
     args = ap.parse_args(argv)
-    base = {"max_tokens": args.gen_length, "block_length": args.block_length,
-            "temperature": 0.0}
+    base = {"max_tokens": args.gen_length, "block_length": args.block_length, "temperature": 0.0}
     prompts = suite_prompts(args.n_per_kind)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = bench_model(Path(tmp), MODEL_DIR, ["--num-threads", str(args.threads),
-                                                  "--enable-apd"],
-                           prompts, STRATEGIES, base, early_stop=False)
+        runs = bench_model(
+            Path(tmp),
+            MODEL_DIR,
+            ["--num-threads", str(args.threads), "--enable-apd"],
+            prompts,
+            STRATEGIES,
+            base,
+            early_stop=False,
+        )
     ref = runs["reference"]["accuracy"]
-    rows = [{"strategy": label, **r["per_task"], "all": r["accuracy"],
-             "Δ vs ref": r["accuracy"] - ref, "tok/fwd": r["tokens_per_forward"],
-             "tok/s": r["tokens_per_s"], "speedup": r["speedup"]}
-            for label, r in runs.items() if "error" not in r]
+    rows = [
+        {
+            "strategy": label,
+            **r["per_task"],
+            "all": r["accuracy"],
+            "Δ vs ref": r["accuracy"] - ref,
+            "tok/fwd": r["tokens_per_forward"],
+            "tok/s": r["tokens_per_s"],
+            "speedup": r["speedup"],
+        }
+        for label, r in runs.items()
+        if "error" not in r
+    ]
     print()
     print(table(rows))
     for label, r in runs.items():
         if "error" in r:
             print(f"{label}: refused: {r['error']}")
-    path = write_json("accuracy", {
-        "model": "vdiff-tiny", "held_out_seed": HELD_OUT_SEED, "n_per_kind": args.n_per_kind,
-        "kinds": list(KINDS), "gen_length": args.gen_length,
-        "block_length": args.block_length, "threads": args.threads, "results": runs})
+    path = write_json(
+        "accuracy",
+        {
+            "model": "vdiff-tiny",
+            "held_out_seed": HELD_OUT_SEED,
+            "n_per_kind": args.n_per_kind,
+            "kinds": list(KINDS),
+            "gen_length": args.gen_length,
+            "block_length": args.block_length,
+            "threads": args.threads,
+            "results": runs,
+        },
+    )
     png = plot({"vdiff-tiny": runs}, name="accuracy")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
 

@@ -20,13 +20,21 @@ import httpx
 
 from bench.common import GOLDEN, Server, plot, start_allinone, table, write_json
 
-PROMPTS = [c["prompt_ids"] for c in json.loads(
-    (GOLDEN / "cases" / "shared_llada.json").read_text())["generate"] if "prompt_ids" in c]
+PROMPTS = [
+    c["prompt_ids"]
+    for c in json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"]
+    if "prompt_ids" in c
+]
 
 
 def run_level(server: Server, concurrency: int, per_stream: int, max_tokens: int) -> dict:
-    body = {"model": "llada-tiny", "max_tokens": max_tokens, "diffusion_steps": max_tokens,
-            "block_length": min(32, max_tokens), "eos_early_stop": False}
+    body = {
+        "model": "llada-tiny",
+        "max_tokens": max_tokens,
+        "diffusion_steps": max_tokens,
+        "block_length": min(32, max_tokens),
+        "eos_early_stop": False,
+    }
 
     def stream(k: int) -> int:
         done = 0
@@ -43,17 +51,28 @@ def run_level(server: Server, concurrency: int, per_stream: int, max_tokens: int
         tokens = sum(pool.map(stream, range(concurrency)))
     wall = time.perf_counter() - t0
     stats = httpx.get(server.url + "/engine/stats").json()["workers"][0]
-    return {"concurrency": concurrency, "requests": concurrency * per_stream,
-            "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
-            "batch_max": stats["batch_size"]["max"]}
+    return {
+        "concurrency": concurrency,
+        "requests": concurrency * per_stream,
+        "tokens": tokens,
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "batch_max": stats["batch_size"]["max"],
+    }
 
 
 def sweep(threads: int, levels: list[int], per_stream: int, max_tokens: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         # start_allinone pins --num-threads 1; the later flag here wins.
-        server = start_allinone(Path(tmp), "--model", str(GOLDEN / "llada-tiny"),
-                                "--max-num-seqs", str(max(levels)), "--num-threads",
-                                str(threads))
+        server = start_allinone(
+            Path(tmp),
+            "--model",
+            str(GOLDEN / "llada-tiny"),
+            "--max-num-seqs",
+            str(max(levels)),
+            "--num-threads",
+            str(threads),
+        )
         try:
             run_level(server, 1, 1, max_tokens)  # warm-up
             rows = [run_level(server, c, per_stream, max_tokens) for c in levels]
@@ -81,9 +100,13 @@ def main() -> None:
         print(f"\n--num-threads {threads}")
         print(table(rows))
     path = write_json("batching", {"max_tokens": args.max_tokens, "results": results})
-    png = plot("batching", levels, {f"threads={t}": [r["tokens_per_s"] for r in rows]
-                                    for t, rows in results.items()},
-               "concurrent streams", "canvas tokens / s")
+    png = plot(
+        "batching",
+        levels,
+        {f"threads={t}": [r["tokens_per_s"] for r in rows] for t, rows in results.items()},
+        "concurrent streams",
+        "canvas tokens / s",
+    )
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
 
 

@@ -36,8 +36,9 @@ def write_json(name: str, data: Any) -> Path:
     return path
 
 
-def plot(name: str, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str,
-         ylabel: str) -> Path | None:
+def plot(
+    name: str, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str
+) -> Path | None:
     """A PNG line plot, when matplotlib is installed (it is in the dev extra)."""
     try:
         import matplotlib

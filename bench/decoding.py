@@ -57,7 +57,9 @@ LLADA: list[tuple[str, dict[str, Any]]] = [
 APD = ("apd", {"decoding": "apd", "apd_mixture_weight": 0.7, "block_length": None})
 # Dream's sampler has no blocks either.
 DREAM: list[tuple[str, dict[str, Any]]] = [
-    ("reference", {"decoding": "reference", "alg": "entropy", "block_length": None}), APD]
+    ("reference", {"decoding": "reference", "alg": "entropy", "block_length": None}),
+    APD,
+]
 
 
 def golden_prompts(*files: str) -> list[dict[str, Any]]:
@@ -70,28 +72,49 @@ def golden_prompts(*files: str) -> list[dict[str, Any]]:
                 continue
             for case in group:
                 if isinstance(case, dict) and "prompt_ids" in case and "answer" in case:
-                    seen.setdefault(tuple(case["prompt_ids"]), {
-                        "prompt": case["prompt_ids"], "task": case["task"],
-                        "answer": case["answer"]})
+                    seen.setdefault(
+                        tuple(case["prompt_ids"]),
+                        {
+                            "prompt": case["prompt_ids"],
+                            "task": case["task"],
+                            "answer": case["answer"],
+                        },
+                    )
     return list(seen.values())
 
 
 def suite_prompts(n_per_kind: int) -> list[dict[str, Any]]:
     """The held-out suite as chat requests."""
-    return [{"messages": [{"role": "user", "content": t.prompt}], "task": t.kind,
-             "answer": t.answer} for t in suite(n_per_kind=n_per_kind, seed=HELD_OUT_SEED)]
+    return [
+        {"messages": [{"role": "user", "content": t.prompt}], "task": t.kind, "answer": t.answer}
+        for t in suite(n_per_kind=n_per_kind, seed=HELD_OUT_SEED)
+    ]
 
 
-def bench_model(tmp: Path, model_dir: Path, flags: list[str], prompts: list[dict[str, Any]],
-                strategies: list[tuple[str, dict[str, Any]]], base: dict[str, Any],
-                early_stop: bool) -> dict[str, dict[str, Any]]:
+def bench_model(
+    tmp: Path,
+    model_dir: Path,
+    flags: list[str],
+    prompts: list[dict[str, Any]],
+    strategies: list[tuple[str, dict[str, Any]]],
+    base: dict[str, Any],
+    early_stop: bool,
+) -> dict[str, dict[str, Any]]:
     """Every prompt through every strategy, strategies interleaved per prompt so that load
     from elsewhere on the machine falls on all of them alike. A prompt is token ids
     (``prompt``, to /v1/completions) or ``messages`` (to /v1/chat/completions)."""
     server = start_allinone(tmp, "--model", str(model_dir), *flags)
-    runs: dict[str, dict[str, Any]] = {label: {"request": fields, "correct": 0, "tokens": 0,
-                                               "passes": 0, "seconds": 0.0, "by_task": {}}
-                                       for label, fields in strategies}
+    runs: dict[str, dict[str, Any]] = {
+        label: {
+            "request": fields,
+            "correct": 0,
+            "tokens": 0,
+            "passes": 0,
+            "seconds": 0.0,
+            "by_task": {},
+        }
+        for label, fields in strategies
+    }
     try:
         with httpx.Client(timeout=600) as client:
             for p in prompts:
@@ -103,22 +126,28 @@ def bench_model(tmp: Path, model_dir: Path, flags: list[str], prompts: list[dict
                     t0 = time.perf_counter()
                     r = client.post(
                         server.url + ("/chat/completions" if chat else "/completions"),
-                        json={**{k: v for k, v in {**base, **fields}.items() if v is not None},
-                              "model": model_dir.name, "eos_early_stop": early_stop,
-                              **({"messages": p["messages"]} if chat else
-                                 {"prompt": p["prompt"]})})
+                        json={
+                            **{k: v for k, v in {**base, **fields}.items() if v is not None},
+                            "model": model_dir.name,
+                            "eos_early_stop": early_stop,
+                            **({"messages": p["messages"]} if chat else {"prompt": p["prompt"]}),
+                        },
+                    )
                     run["seconds"] += time.perf_counter() - t0
                     if r.status_code != 200:
                         run["error"] = r.json()["error"]["message"]
                         continue
                     out = r.json()
                     choice = out["choices"][0]
-                    ok = exact((choice["message"]["content"] if chat else choice["text"]) or "",
-                               p["answer"])
+                    ok = exact(
+                        (choice["message"]["content"] if chat else choice["text"]) or "",
+                        p["answer"],
+                    )
                     run["correct"] += ok
                     run["by_task"].setdefault(p["task"], []).append(ok)
-                    run["tokens"] += (out["usage"]["completion_tokens"] if early_stop
-                                      else base["max_tokens"])
+                    run["tokens"] += (
+                        out["usage"]["completion_tokens"] if early_stop else base["max_tokens"]
+                    )
                     run["passes"] += out["usage"]["forward_passes"]
     finally:
         server.procs[0].stop()
@@ -128,11 +157,14 @@ def bench_model(tmp: Path, model_dir: Path, flags: list[str], prompts: list[dict
             results[label] = {"request": run["request"], "error": run["error"]}
             continue
         results[label] = {
-            "request": run["request"], "accuracy": run["correct"] / len(prompts),
+            "request": run["request"],
+            "accuracy": run["correct"] / len(prompts),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(run["by_task"].items())},
             "tokens_per_forward": run["tokens"] / run["passes"],
             "tokens_per_s": run["tokens"] / run["seconds"],
-            "forwards_per_request": run["passes"] / len(prompts), "seconds": run["seconds"]}
+            "forwards_per_request": run["passes"] / len(prompts),
+            "seconds": run["seconds"],
+        }
     ref = results["reference"].get("tokens_per_s")
     for res in results.values():
         if "error" not in res:
@@ -153,8 +185,9 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], name: str = "decoding") 
     for (model, runs), marker in zip(results.items(), "^os"):
         for label, r in runs.items():
             if "error" not in r:
-                ax.scatter(r["tokens_per_s"], r["accuracy"], marker=marker,
-                           label=f"{model} {label}")
+                ax.scatter(
+                    r["tokens_per_s"], r["accuracy"], marker=marker, label=f"{model} {label}"
+                )
     ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("tokens / s")
@@ -170,51 +203,98 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], name: str = "decoding") 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--gen-length", type=int, default=128, help="canvas length (max_tokens)")
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="the workers' --num-threads")
-    ap.add_argument("--early-stop", action="store_true",
-                    help="stop at the answer's end and count completion tokens")
-    ap.add_argument("--n-per-kind", type=int, default=8,
-                    help="held-out prompts per task kind for vdiff-tiny")
+    ap.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="stop at the answer's end and count completion tokens",
+    )
+    ap.add_argument(
+        "--n-per-kind", type=int, default=8, help="held-out prompts per task kind for vdiff-tiny"
+    )
     args = ap.parse_args(argv)
     # No diffusion_steps: the reference then takes one step per canvas token, and the other
     # strategies refuse the field.
-    base = {"max_tokens": args.gen_length, "block_length": args.block_length,
-            "temperature": 0.0, "return_token_ids": True}
+    base = {
+        "max_tokens": args.gen_length,
+        "block_length": args.block_length,
+        "temperature": 0.0,
+        "return_token_ids": True,
+    }
     threads = ["--num-threads", str(args.threads)]  # after start_allinone's: this one wins
     llada_prompts = golden_prompts("shared_llada.json")
     dream_prompts = golden_prompts("shared_dream.json", "shared_apd.json")
     tiny_prompts = suite_prompts(args.n_per_kind)
     with tempfile.TemporaryDirectory() as tmp:
         results = {
-            "vdiff-tiny": bench_model(Path(tmp), MODEL_DIR, [*threads, "--enable-apd"],
-                                      tiny_prompts, [*LLADA, APD], base, args.early_stop),
-            "llada-tiny": bench_model(Path(tmp), GOLDEN / "llada-tiny", threads, llada_prompts,
-                                      LLADA, base, args.early_stop),
-            "dream-tiny": bench_model(Path(tmp), GOLDEN / "dream-tiny",
-                                      [*threads, "--enable-apd", "--apd-verifier",
-                                       str(GOLDEN / "ar-tiny")], dream_prompts, DREAM, base,
-                                      args.early_stop),
+            "vdiff-tiny": bench_model(
+                Path(tmp),
+                MODEL_DIR,
+                [*threads, "--enable-apd"],
+                tiny_prompts,
+                [*LLADA, APD],
+                base,
+                args.early_stop,
+            ),
+            "llada-tiny": bench_model(
+                Path(tmp),
+                GOLDEN / "llada-tiny",
+                threads,
+                llada_prompts,
+                LLADA,
+                base,
+                args.early_stop,
+            ),
+            "dream-tiny": bench_model(
+                Path(tmp),
+                GOLDEN / "dream-tiny",
+                [*threads, "--enable-apd", "--apd-verifier", str(GOLDEN / "ar-tiny")],
+                dream_prompts,
+                DREAM,
+                base,
+                args.early_stop,
+            ),
         }
-    rows = [{"model": model, "strategy": label, "accuracy": r["accuracy"],
-             "tok/fwd": r["tokens_per_forward"], "tok/s": r["tokens_per_s"],
-             "speedup": r["speedup"], "fwd/req": r["forwards_per_request"]}
-            for model, runs in results.items() for label, r in runs.items() if "error" not in r]
+    rows = [
+        {
+            "model": model,
+            "strategy": label,
+            "accuracy": r["accuracy"],
+            "tok/fwd": r["tokens_per_forward"],
+            "tok/s": r["tokens_per_s"],
+            "speedup": r["speedup"],
+            "fwd/req": r["forwards_per_request"],
+        }
+        for model, runs in results.items()
+        for label, r in runs.items()
+        if "error" not in r
+    ]
     print()
     print(table(rows))
     for model, runs in results.items():
         for label, r in runs.items():
             if "error" in r:
                 print(f"{model} {label}: refused: {r['error']}")
-    path = write_json("decoding", {
-        "gen_length": args.gen_length, "block_length": args.block_length,
-        "threads": args.threads, "early_stop": args.early_stop,
-        "prompts": {"vdiff-tiny": len(tiny_prompts), "llada-tiny": len(llada_prompts),
-                    "dream-tiny": len(dream_prompts)},
-        "results": results})
+    path = write_json(
+        "decoding",
+        {
+            "gen_length": args.gen_length,
+            "block_length": args.block_length,
+            "threads": args.threads,
+            "early_stop": args.early_stop,
+            "prompts": {
+                "vdiff-tiny": len(tiny_prompts),
+                "llada-tiny": len(llada_prompts),
+                "dream-tiny": len(dream_prompts),
+            },
+            "results": results,
+        },
+    )
     png = plot(results)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
 

@@ -100,25 +100,40 @@ class Group:
 
 NO_BLOCKS = {"block_length": None}
 GROUPS = (
-    Group("llada-tiny", "shared_llada.json", (
-        Mode("reference", {"decoding": "reference", "diffusion_steps": STEPS}),
-        Mode("reference+dual", {"decoding": "reference", "diffusion_steps": STEPS,
-                                "cache": "dual"}),
-        Mode("threshold", {"decoding": "threshold", "threshold": 0.9, "cache": "none"}),
-        Mode("threshold+prefix", {"decoding": "threshold", "threshold": 0.9,
-                                  "cache": "prefix"}),
-        Mode("threshold+dual", {"decoding": "threshold", "threshold": 0.9, "cache": "dual"}),
-        Mode("factor+dual", {"decoding": "factor", "factor": 1.0, "cache": "dual"}),
-    )),
-    Group("dream-tiny", "shared_dream.json", (
-        Mode("reference", {"decoding": "reference", "diffusion_steps": STEPS, **NO_BLOCKS}),
-        Mode("threshold+dual", {"decoding": "threshold", "threshold": 0.9, "cache": "dual"}),
-        Mode("apd", {"decoding": "apd", "apd_kv_window": 16, "apd_max_lookahead": 16,
-                     **NO_BLOCKS}, APD_LEVELS),
-    ), verifier="ar-tiny"),
-    Group("ar-tiny", "shared_dream.json", (
-        Mode("reference", {"decoding": "reference", **NO_BLOCKS}),
-    )),
+    Group(
+        "llada-tiny",
+        "shared_llada.json",
+        (
+            Mode("reference", {"decoding": "reference", "diffusion_steps": STEPS}),
+            Mode(
+                "reference+dual",
+                {"decoding": "reference", "diffusion_steps": STEPS, "cache": "dual"},
+            ),
+            Mode("threshold", {"decoding": "threshold", "threshold": 0.9, "cache": "none"}),
+            Mode(
+                "threshold+prefix", {"decoding": "threshold", "threshold": 0.9, "cache": "prefix"}
+            ),
+            Mode("threshold+dual", {"decoding": "threshold", "threshold": 0.9, "cache": "dual"}),
+            Mode("factor+dual", {"decoding": "factor", "factor": 1.0, "cache": "dual"}),
+        ),
+    ),
+    Group(
+        "dream-tiny",
+        "shared_dream.json",
+        (
+            Mode("reference", {"decoding": "reference", "diffusion_steps": STEPS, **NO_BLOCKS}),
+            Mode("threshold+dual", {"decoding": "threshold", "threshold": 0.9, "cache": "dual"}),
+            Mode(
+                "apd",
+                {"decoding": "apd", "apd_kv_window": 16, "apd_max_lookahead": 16, **NO_BLOCKS},
+                APD_LEVELS,
+            ),
+        ),
+        verifier="ar-tiny",
+    ),
+    Group(
+        "ar-tiny", "shared_dream.json", (Mode("reference", {"decoding": "reference", **NO_BLOCKS}),)
+    ),
 )
 
 
@@ -132,17 +147,20 @@ def prompts(cases: str) -> list[list[int]]:
 
 
 def request_body(mode: Mode, max_tokens: int) -> dict[str, Any]:
-    base: dict[str, Any] = {"max_tokens": max_tokens, "block_length": min(BLOCK, max_tokens),
-                            "temperature": 0.0, "eos_early_stop": False,
-                            "return_token_ids": True}
+    base: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "block_length": min(BLOCK, max_tokens),
+        "temperature": 0.0,
+        "eos_early_stop": False,
+        "return_token_ids": True,
+    }
     merged = {**base, **{k: (max_tokens if v == STEPS else v) for k, v in mode.fields.items()}}
     return {k: v for k, v in merged.items() if v is not None}
 
 
 def sent_prompts(n_prompts: int, concurrency: int, per_client: int) -> list[int]:
     """The prompt index of each request a level sends (client k's j-th request)."""
-    return [(k * per_client + j) % n_prompts for k in range(concurrency)
-            for j in range(per_client)]
+    return [(k * per_client + j) % n_prompts for k in range(concurrency) for j in range(per_client)]
 
 
 # ---- the served side -------------------------------------------------------------------------
@@ -155,12 +173,18 @@ def counters(server: Server) -> tuple[int, int]:
     has carried them to the gateway."""
     time.sleep(2 * HEARTBEAT)
     workers = httpx.get(server.url + "/engine/stats", timeout=30).json()["workers"]
-    return (sum(int(w["model_calls"]) for w in workers),
-            sum(int(w["model_rows"]) for w in workers))
+    return (sum(int(w["model_calls"]) for w in workers), sum(int(w["model_rows"]) for w in workers))
 
 
-def run_level(server: Server, model: str, body: dict[str, Any], pool: list[list[int]],
-              concurrency: int, per_client: int, before: tuple[int, int]) -> dict[str, Any]:
+def run_level(
+    server: Server,
+    model: str,
+    body: dict[str, Any],
+    pool: list[list[int]],
+    concurrency: int,
+    per_client: int,
+    before: tuple[int, int],
+) -> dict[str, Any]:
     """One level; ``before`` is the counters as it starts (nothing else runs meanwhile)."""
     order = sent_prompts(len(pool), concurrency, per_client)
 
@@ -170,12 +194,12 @@ def run_level(server: Server, model: str, body: dict[str, Any], pool: list[list[
             for j in range(per_client):
                 prompt = pool[order[k * per_client + j]]
                 t0 = time.perf_counter()
-                r = http.post(server.url + "/completions",
-                              json={**body, "model": model, "prompt": prompt})
+                r = http.post(
+                    server.url + "/completions", json={**body, "model": model, "prompt": prompt}
+                )
                 if r.status_code != 200:
                     raise RequestFailed(f"HTTP {r.status_code}: {r.text[:300]}")
-                done.append((time.perf_counter() - t0, int(r.json()["usage"]
-                                                           ["completion_tokens"])))
+                done.append((time.perf_counter() - t0, int(r.json()["usage"]["completion_tokens"])))
         return done
 
     calls0, rows0 = before
@@ -187,21 +211,42 @@ def run_level(server: Server, model: str, body: dict[str, Any], pool: list[list[
     n = len(results)
     tokens = n * int(body["max_tokens"])
     calls = calls1 - calls0
-    return {"concurrency": concurrency, "requests": n, "tokens": tokens,
-            "completion_tokens": sum(c for _, c in results), "seconds": wall,
-            "tokens_per_s": tokens / wall,
-            "completion_tokens_per_s": sum(c for _, c in results) / wall,
-            "latency_mean_s": statistics.fmean(t for t, _ in results),
-            "model_calls": calls, "model_rows": rows1 - rows0,
-            "rows_per_call": (rows1 - rows0) / calls if calls else math.nan,
-            "calls_per_request": calls / n, "counters": (calls1, rows1)}
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "tokens": tokens,
+        "completion_tokens": sum(c for _, c in results),
+        "seconds": wall,
+        "tokens_per_s": tokens / wall,
+        "completion_tokens_per_s": sum(c for _, c in results) / wall,
+        "latency_mean_s": statistics.fmean(t for t, _ in results),
+        "model_calls": calls,
+        "model_rows": rows1 - rows0,
+        "rows_per_call": (rows1 - rows0) / calls if calls else math.nan,
+        "calls_per_request": calls / n,
+        "counters": (calls1, rows1),
+    }
 
 
-def serve_group(tmp: Path, group: Group, modes: list[Mode], pool: list[list[int]],
-                max_tokens: int, per_client: int,
-                levels: tuple[int, ...] | None) -> dict[str, dict[str, Any]]:
-    flags = ["--model", str(GOLDEN / group.model), "--max-num-seqs", str(MAX_NUM_SEQS),
-             "--heartbeat-interval", str(HEARTBEAT), "--num-threads", "1"]
+def serve_group(
+    tmp: Path,
+    group: Group,
+    modes: list[Mode],
+    pool: list[list[int]],
+    max_tokens: int,
+    per_client: int,
+    levels: tuple[int, ...] | None,
+) -> dict[str, dict[str, Any]]:
+    flags = [
+        "--model",
+        str(GOLDEN / group.model),
+        "--max-num-seqs",
+        str(MAX_NUM_SEQS),
+        "--heartbeat-interval",
+        str(HEARTBEAT),
+        "--num-threads",
+        "1",
+    ]
     if group.verifier:
         flags += ["--enable-apd", "--apd-verifier", str(GOLDEN / group.verifier)]
     server = start_allinone(tmp, *flags)
@@ -209,8 +254,10 @@ def serve_group(tmp: Path, group: Group, modes: list[Mode], pool: list[list[int]
     try:
         for mode in modes:
             body = request_body(mode, max_tokens)
-            res: dict[str, Any] = {"request": {k: v for k, v in body.items()
-                                               if k != "return_token_ids"}, "levels": []}
+            res: dict[str, Any] = {
+                "request": {k: v for k, v in body.items() if k != "return_token_ids"},
+                "levels": [],
+            }
             out[mode.label] = res
             try:
                 # A warm-up request; its closing read opens the first level.
@@ -219,8 +266,11 @@ def serve_group(tmp: Path, group: Group, modes: list[Mode], pool: list[list[int]
                     lv = run_level(server, group.model, body, pool, c, per_client, now)
                     now = lv.pop("counters")
                     res["levels"].append(lv)
-                    print(f"  {group.model} {mode.label} C={c}: "
-                          f"{res['levels'][-1]['tokens_per_s']:.1f} tok/s", flush=True)
+                    print(
+                        f"  {group.model} {mode.label} C={c}: "
+                        f"{res['levels'][-1]['tokens_per_s']:.1f} tok/s",
+                        flush=True,
+                    )
             except RequestFailed as err:
                 res["error"] = str(err)
                 print(f"  {group.model} {mode.label}: {err}", flush=True)
@@ -230,8 +280,9 @@ def serve_group(tmp: Path, group: Group, modes: list[Mode], pool: list[list[int]
 
 
 # ---- the bound -------------------------------------------------------------------------------
-def trace(loaded: Any, models: dict[str, nn.Module], body: dict[str, Any],
-          prompt: list[int]) -> list[Pass]:
+def trace(
+    loaded: Any, models: dict[str, nn.Module], body: dict[str, Any], prompt: list[int]
+) -> list[Pass]:
     """The passes one request makes, replayed alone through the worker's own admission and
     runner (the same strategy code, the same settings resolution as the server)."""
     from vdiff_common.protocol import Generate, SamplingParams
@@ -241,11 +292,16 @@ def trace(loaded: Any, models: dict[str, nn.Module], body: dict[str, Any],
 
     fields = set(SamplingParams.__struct_fields__)
     params = SamplingParams(**{k: v for k, v in body.items() if k in fields})
-    job = Generate(request_id="trace", model=loaded.name, prompt_ids=prompt, params=params,
-                   stream=False)
+    job = Generate(
+        request_id="trace", model=loaded.name, prompt_ids=prompt, params=params, stream=False
+    )
     admission = Admission(loaded, Defaults(), frozenset(models))
-    runner = Runner(models, slots=1, max_len=loaded.max_model_len,
-                    metrics=WorkerMetrics(loaded.name, "bench-trace"))
+    runner = Runner(
+        models,
+        slots=1,
+        max_len=loaded.max_model_len,
+        metrics=WorkerMetrics(loaded.name, "bench-trace"),
+    )
     (seq,) = admission.sequences(job, time.perf_counter())
     slots = runner.acquire(seq.strategy.cached_models()) or {}
     passes: list[Pass] = []
@@ -254,8 +310,7 @@ def trace(loaded: Any, models: dict[str, nn.Module], body: dict[str, Any],
             f = seq.pending
             assert f is not None
             lo, hi = f.span
-            passes.append((f.model, int(f.input_ids.shape[1]), int(f.input_ids.shape[0]),
-                           hi - lo))
+            passes.append((f.model, int(f.input_ids.shape[1]), int(f.input_ids.shape[0]), hi - lo))
             seq.advance(runner.run([Call(f, slots.get(f.model))])[0])
             seq.collect()
     return passes
@@ -276,7 +331,7 @@ class Timer:
             n = rows * concurrency
             ids = torch.randint(self.vocab, (n, width))
             heads = torch.zeros(n, width, dtype=torch.bool)
-            heads[:, width - span:] = True
+            heads[:, width - span :] = True
             module = self.models[model]
             with torch.no_grad():
                 module(ids, heads=heads)  # warm-up
@@ -289,8 +344,9 @@ class Timer:
         return self.seen[key]
 
 
-def bound_group(group: Group, served: dict[str, dict[str, Any]], pool: list[list[int]],
-                per_client: int) -> None:
+def bound_group(
+    group: Group, served: dict[str, dict[str, Any]], pool: list[list[int]], per_client: int
+) -> None:
     """Trace every served mode, time its passes bare, and put the bound beside each level."""
     from vdiff_worker.decoding.base import ParamError
     from vdiff_worker.models import load_model
@@ -321,11 +377,14 @@ def bound_group(group: Group, served: dict[str, dict[str, Any]], pool: list[list
         shapes: Counter[Pass] = Counter()
         for t in traces.values():
             shapes.update(t)
-        res["trace"] = {"prompts": len(traces),
-                        "passes_per_request": statistics.fmean(len(t) for t in traces.values()),
-                        "shapes": [{"model": m, "width": w, "rows": r, "span": s,
-                                    "per_request": k / len(traces)}
-                                   for (m, w, r, s), k in sorted(shapes.items())]}
+        res["trace"] = {
+            "prompts": len(traces),
+            "passes_per_request": statistics.fmean(len(t) for t in traces.values()),
+            "shapes": [
+                {"model": m, "width": w, "rows": r, "span": s, "per_request": k / len(traces)}
+                for (m, w, r, s), k in sorted(shapes.items())
+            ],
+        }
         for lv in res["levels"]:
             c = lv["concurrency"]
             sent = sent_prompts(len(pool), c, per_client)
@@ -349,29 +408,57 @@ def finish(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]
             for lv in levels:
                 lv["speedup"] = lv["tokens_per_s"] / one["tokens_per_s"] if one else math.nan
                 # What the bound itself gains from batching, against which to read speedup.
-                lv["bound_speedup"] = (lv["bound_tokens_per_s"] / one["bound_tokens_per_s"]
-                                       if one and "bound_tokens_per_s" in one
-                                       and "bound_tokens_per_s" in lv else math.nan)
-                rows.append({"model": model, "mode": label, "C": lv["concurrency"],
-                             "req": lv["requests"], "tok/s": lv["tokens_per_s"],
-                             "compl tok/s": lv["completion_tokens_per_s"],
-                             "lat s": lv["latency_mean_s"], "rows/call": lv["rows_per_call"],
-                             "calls/req": lv["calls_per_request"],
-                             "pass/req": lv.get("passes_per_request", math.nan),
-                             "speedup": lv["speedup"],
-                             "bound tok/s": lv.get("bound_tokens_per_s", math.nan),
-                             "of bound": lv.get("of_bound", math.nan)})
+                lv["bound_speedup"] = (
+                    lv["bound_tokens_per_s"] / one["bound_tokens_per_s"]
+                    if one and "bound_tokens_per_s" in one and "bound_tokens_per_s" in lv
+                    else math.nan
+                )
+                rows.append(
+                    {
+                        "model": model,
+                        "mode": label,
+                        "C": lv["concurrency"],
+                        "req": lv["requests"],
+                        "tok/s": lv["tokens_per_s"],
+                        "compl tok/s": lv["completion_tokens_per_s"],
+                        "lat s": lv["latency_mean_s"],
+                        "rows/call": lv["rows_per_call"],
+                        "calls/req": lv["calls_per_request"],
+                        "pass/req": lv.get("passes_per_request", math.nan),
+                        "speedup": lv["speedup"],
+                        "bound tok/s": lv.get("bound_tokens_per_s", math.nan),
+                        "of bound": lv.get("of_bound", math.nan),
+                    }
+                )
             if "error" in res and not levels:
-                rows.append({"model": model, "mode": label, "C": "-", "req": 0,
-                             **{k: "-" for k in ("tok/s", "compl tok/s", "lat s", "rows/call",
-                                                 "calls/req", "pass/req", "speedup",
-                                                 "bound tok/s",
-                                                 "of bound")}})
+                rows.append(
+                    {
+                        "model": model,
+                        "mode": label,
+                        "C": "-",
+                        "req": 0,
+                        **{
+                            k: "-"
+                            for k in (
+                                "tok/s",
+                                "compl tok/s",
+                                "lat s",
+                                "rows/call",
+                                "calls/req",
+                                "pass/req",
+                                "speedup",
+                                "bound tok/s",
+                                "of bound",
+                            )
+                        },
+                    }
+                )
     return rows
 
 
-def level(results: dict[str, dict[str, dict[str, Any]]], model: str, mode: str,
-          c: int) -> dict[str, Any] | None:
+def level(
+    results: dict[str, dict[str, dict[str, Any]]], model: str, mode: str, c: int
+) -> dict[str, Any] | None:
     res = results.get(model, {}).get(mode)
     return next((lv for lv in res["levels"] if lv["concurrency"] == c), None) if res else None
 
@@ -380,14 +467,21 @@ def targets(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any
     """The figures the engine is held to: (what, figure, target, met)."""
     out = []
     for model, mode, c, key, goal, what in (
-            ("llada-tiny", "threshold+dual", 16, "speedup", 1.4, "speedup vs C=1"),
-            ("llada-tiny", "threshold+dual", 16, "rows_per_call", 8.0, "rows per model call"),
-            ("dream-tiny", "apd", 8, "rows_per_call", 4.0, "rows per model call")):
+        ("llada-tiny", "threshold+dual", 16, "speedup", 1.4, "speedup vs C=1"),
+        ("llada-tiny", "threshold+dual", 16, "rows_per_call", 8.0, "rows per model call"),
+        ("dream-tiny", "apd", 8, "rows_per_call", 4.0, "rows per model call"),
+    ):
         lv = level(results, model, mode, c)
         value = lv[key] if lv else None
-        out.append({"figure": f"{model} {mode} C={c} {what}", "value": value, "target": goal,
-                    "met": value is not None and value >= goal,
-                    "bound": lv.get("bound_speedup") if lv and key == "speedup" else None})
+        out.append(
+            {
+                "figure": f"{model} {mode} C={c} {what}",
+                "value": value,
+                "target": goal,
+                "met": value is not None and value >= goal,
+                "bound": lv.get("bound_speedup") if lv and key == "speedup" else None,
+            }
+        )
     return out
 
 
@@ -398,27 +492,41 @@ def checks(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     for model, modes in results.items():
         for label in modes:
             lv = level(results, model, label, 1)
-            if lv and "passes_per_request" in lv and \
-                    abs(lv["calls_per_request"] - lv["passes_per_request"]) > 1e-9:
-                out.append(f"{model} {label}: at C=1 the server made {lv['calls_per_request']:.2f}"
-                           f" model calls per request, the replay {lv['passes_per_request']:.2f}")
+            if (
+                lv
+                and "passes_per_request" in lv
+                and abs(lv["calls_per_request"] - lv["passes_per_request"]) > 1e-9
+            ):
+                out.append(
+                    f"{model} {label}: at C=1 the server made {lv['calls_per_request']:.2f}"
+                    f" model calls per request, the replay {lv['passes_per_request']:.2f}"
+                )
     return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--max-tokens", type=int, default=128, help="canvas length per request")
-    ap.add_argument("--requests", type=int, default=2,
-                    help="requests each client thread sends back to back, per level")
-    ap.add_argument("--quick", action="store_true",
-                    help="a tiny run: --max-tokens 32 --requests 1")
-    ap.add_argument("--only", default="",
-                    help="comma-separated model/mode labels to run (default: all), "
-                         "e.g. llada-tiny/threshold+dual,dream-tiny/apd")
-    ap.add_argument("--levels", default="",
-                    help="comma-separated concurrencies for every mode (default: 1,4,16; "
-                         "APD also 8)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=2,
+        help="requests each client thread sends back to back, per level",
+    )
+    ap.add_argument("--quick", action="store_true", help="a tiny run: --max-tokens 32 --requests 1")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated model/mode labels to run (default: all), "
+        "e.g. llada-tiny/threshold+dual,dream-tiny/apd",
+    )
+    ap.add_argument(
+        "--levels",
+        default="",
+        help="comma-separated concurrencies for every mode (default: 1,4,16; APD also 8)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.max_tokens, args.requests = 32, 1
@@ -438,8 +546,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 continue
             pool = prompts(group.cases)
             print(f"{group.model}: serving {len(chosen)} modes", flush=True)
-            served = serve_group(Path(tmp), group, chosen, pool, args.max_tokens, args.requests,
-                                 levels)
+            served = serve_group(
+                Path(tmp), group, chosen, pool, args.max_tokens, args.requests, levels
+            )
             bound_group(group, served, pool, args.requests)
             results[group.model] = served
     rows = finish(results)
@@ -458,23 +567,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for g in goals:
         value = "not measured" if g["value"] is None else f"{g['value']:.2f}"
         bound = "" if g["bound"] is None else f"; the bound's own: {g['bound']:.2f}"
-        print(f"{g['figure']}: {value} (target >= {g['target']}{bound}): "
-              f"{'met' if g['met'] else 'NOT met'}")
-    report = {"max_tokens": args.max_tokens, "block_length": BLOCK,
-              "requests_per_client": args.requests, "max_num_seqs": MAX_NUM_SEQS,
-              "num_threads": 1, "seconds": time.perf_counter() - started,
-              "results": results, "targets": goals,
-              "checks": checks(results)}
+        print(
+            f"{g['figure']}: {value} (target >= {g['target']}{bound}): "
+            f"{'met' if g['met'] else 'NOT met'}"
+        )
+    report = {
+        "max_tokens": args.max_tokens,
+        "block_length": BLOCK,
+        "requests_per_client": args.requests,
+        "max_num_seqs": MAX_NUM_SEQS,
+        "num_threads": 1,
+        "seconds": time.perf_counter() - started,
+        "results": results,
+        "targets": goals,
+        "checks": checks(results),
+    }
     path = write_json("engine", report)
-    common = sorted(set.intersection(*[{lv["concurrency"] for lv in res["levels"]}
-                                       for modes in results.values() for res in modes.values()
-                                       if res["levels"]] or [set()]))
+    common = sorted(
+        set.intersection(
+            *[
+                {lv["concurrency"] for lv in res["levels"]}
+                for modes in results.values()
+                for res in modes.values()
+                if res["levels"]
+            ]
+            or [set()]
+        )
+    )
     series: dict[str, Sequence[float]] = {
-        f"{model} {label}": [lv["tokens_per_s"] for lv in res["levels"]
-                             if lv["concurrency"] in common]
-        for model, modes in results.items() for label, res in modes.items() if res["levels"]}
-    png = plot("engine", common, series, "concurrent clients", "canvas tokens / s") \
-        if common and series else None
+        f"{model} {label}": [
+            lv["tokens_per_s"] for lv in res["levels"] if lv["concurrency"] in common
+        ]
+        for model, modes in results.items()
+        for label, res in modes.items()
+        if res["levels"]
+    }
+    png = (
+        plot("engine", common, series, "concurrent clients", "canvas tokens / s")
+        if common and series
+        else None
+    )
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return report
 

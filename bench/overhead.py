@@ -60,8 +60,9 @@ class HTTP:
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").strip().split("\r\n")
-        headers = {k.strip().lower(): v.strip()
-                   for k, _, v in (line.partition(":") for line in lines[1:])}
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+        }
         body = await self.reader.readexactly(int(headers["content-length"]))
         return int(lines[0].split()[1]), headers, json.loads(body)
 
@@ -71,9 +72,10 @@ class HTTP:
 
 
 def request_bytes(body: bytes, port: int) -> bytes:
-    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-            % (port, len(body), body))
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body)
+    )
 
 
 async def hop(http: HTTP, port: int, idle: float) -> float:
@@ -81,8 +83,9 @@ async def hop(http: HTTP, port: int, idle: float) -> float:
     gateway sat idle for as long as a worker computes: the price of the hop itself."""
     await asyncio.sleep(idle)
     start = time.perf_counter()
-    status, _, _ = await http.send(b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
-                                   % port)
+    status, _, _ = await http.send(
+        b"GET /health/live HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+    )
     if status != 200:
         raise RuntimeError(f"/health/live answered {status}")
     return time.perf_counter() - start
@@ -126,12 +129,18 @@ async def via_http(http: HTTP, request: bytes) -> tuple[Sample, int]:
     worker = server_timing(timing, "worker")
     if status != 200 or worker is None:
         raise RuntimeError(f"HTTP request failed: {status} {reply}")
-    return (Sample(latency, worker, server_timing(timing, "gateway")),
-            reply["usage"]["completion_tokens"])
+    return (
+        Sample(latency, worker, server_timing(timing, "gateway")),
+        reply["usage"]["completion_tokens"],
+    )
 
 
-async def measure(port: int, zmq_port: int, n: int, max_tokens: int,
-                  ) -> dict[str, list[Sample]]:
+async def measure(
+    port: int,
+    zmq_port: int,
+    n: int,
+    max_tokens: int,
+) -> dict[str, list[Sample]]:
     """Per path, one sample per request; the direct and HTTP paths alternate which goes first,
     and each pair is followed by a hop after as long an idle gap as the worker took."""
     dispatcher = Dispatcher(f"tcp://127.0.0.1:{zmq_port}")
@@ -146,12 +155,20 @@ async def measure(port: int, zmq_port: int, n: int, max_tokens: int,
         http = await HTTP.connect(port)
         try:
             for i in range(n + WARMUP):
-                body = json.dumps({"model": "llada-tiny", "prompt": f"What is {i % 50} + 1?",
-                                   "max_tokens": max_tokens}).encode()
+                body = json.dumps(
+                    {
+                        "model": "llada-tiny",
+                        "prompt": f"What is {i % 50} + 1?",
+                        "max_tokens": max_tokens,
+                    }
+                ).encode()
                 got: dict[str, tuple[Sample, int]] = {}
                 for path in ("direct", "http") if i % 2 == 0 else ("http", "direct"):
-                    got[path] = (await direct(dispatcher, body, i) if path == "direct" else
-                                 await via_http(http, request_bytes(body, port)))
+                    got[path] = (
+                        await direct(dispatcher, body, i)
+                        if path == "direct"
+                        else await via_http(http, request_bytes(body, port))
+                    )
                 if got["direct"][1] != got["http"][1]:
                     raise RuntimeError(f"the paths answered differently: {got}")
                 idle = Sample(await hop(http, port, got["direct"][0].worker))
@@ -177,42 +194,65 @@ def pct(xs: list[float], p: float) -> float:
 def summarise(rows: dict[str, list[Sample]]) -> dict[str, Any]:
     table_rows = []
     for path, samples in rows.items():
-        table_rows.append({
-            "path": path, "requests": len(samples),
-            "latency p50 ms": pct([s.latency for s in samples], 50) * 1000,
-            "latency p90 ms": pct([s.latency for s in samples], 90) * 1000,
-            "worker p50 ms": pct([s.worker for s in samples], 50) * 1000,
-            "outside worker p50 ms": pct([s.outside for s in samples], 50) * 1000,
-            "outside worker p90 ms": pct([s.outside for s in samples], 90) * 1000})
+        table_rows.append(
+            {
+                "path": path,
+                "requests": len(samples),
+                "latency p50 ms": pct([s.latency for s in samples], 50) * 1000,
+                "latency p90 ms": pct([s.latency for s in samples], 90) * 1000,
+                "worker p50 ms": pct([s.worker for s in samples], 50) * 1000,
+                "outside worker p50 ms": pct([s.outside for s in samples], 50) * 1000,
+                "outside worker p90 ms": pct([s.outside for s in samples], 90) * 1000,
+            }
+        )
 
     def ms(path: str, p: float) -> float:
         return pct([s.outside for s in rows[path]], p) * 1000
 
     gateway = [s.gateway for s in rows["http"] if s.gateway is not None]
     added = {f"p{p}": ms("http", p) - ms("direct", p) for p in (50, 90)}
-    return {"rows": table_rows, "added_ms": added,
-            "hop_ms": {f"p{p}": ms("hop", p) for p in (50, 90)},
-            "gateway_ms": {f"p{p}": pct(gateway, p) * 1000 for p in (50, 90)},
-            "latency_ratio_http_to_direct": statistics.median(s.latency for s in rows["http"])
-            / statistics.median(s.latency for s in rows["direct"]),
-            "target_ms": 1.0, "target_met": pct(gateway, 50) <= 1e-3}
+    return {
+        "rows": table_rows,
+        "added_ms": added,
+        "hop_ms": {f"p{p}": ms("hop", p) for p in (50, 90)},
+        "gateway_ms": {f"p{p}": pct(gateway, p) * 1000 for p in (50, 90)},
+        "latency_ratio_http_to_direct": statistics.median(s.latency for s in rows["http"])
+        / statistics.median(s.latency for s in rows["direct"]),
+        "target_ms": 1.0,
+        "target_met": pct(gateway, 50) <= 1e-3,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=300, help="requests on each path")
     ap.add_argument("--max-tokens", type=int, default=8)
     args = ap.parse_args(argv)
     port, zmq_port, bench_port = free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs: list[Proc] = [
-            spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind",
-                                    f"tcp://127.0.0.1:{zmq_port}"], Path(tmp) / "gateway.log"),
-            spawn("vdiff_worker", ["--model", MODEL, "--num-threads", "1",
-                                   "--gateway", f"tcp://127.0.0.1:{zmq_port}",
-                                   "--gateway", f"tcp://127.0.0.1:{bench_port}"],
-                  Path(tmp) / "worker.log")]
+            spawn(
+                "vdiff_api.cli",
+                ["--port", str(port), "--zmq-bind", f"tcp://127.0.0.1:{zmq_port}"],
+                Path(tmp) / "gateway.log",
+            ),
+            spawn(
+                "vdiff_worker",
+                [
+                    "--model",
+                    MODEL,
+                    "--num-threads",
+                    "1",
+                    "--gateway",
+                    f"tcp://127.0.0.1:{zmq_port}",
+                    "--gateway",
+                    f"tcp://127.0.0.1:{bench_port}",
+                ],
+                Path(tmp) / "worker.log",
+            ),
+        ]
         try:
             wait_ready(f"http://127.0.0.1:{port}", procs)
             rows = asyncio.run(measure(port, bench_port, args.requests, args.max_tokens))
@@ -220,15 +260,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for p in procs:
                 p.stop()
     given = sys.argv[1:] if argv is None else argv
-    report = {"command": " ".join(["python -m bench.overhead", *given]),
-              "max_tokens": args.max_tokens, **summarise(rows)}
+    report = {
+        "command": " ".join(["python -m bench.overhead", *given]),
+        "max_tokens": args.max_tokens,
+        **summarise(rows),
+    }
     print(table(report["rows"]))
     added, idle, gw = report["added_ms"], report["hop_ms"], report["gateway_ms"]
-    print(f"gateway's own time (Server-Timing): p50 {gw['p50']:.3f} ms, p90 {gw['p90']:.3f} ms "
-          f"(target <= 1 ms at p50: {'met' if report['target_met'] else 'not met'})")
-    print(f"added by the gateway tier (http less direct, outside the worker): p50 "
-          f"{added['p50']:.3f} ms, p90 {added['p90']:.3f} ms; an HTTP round trip that does "
-          f"nothing, after the same idle gap: p50 {idle['p50']:.3f} ms")
+    print(
+        f"gateway's own time (Server-Timing): p50 {gw['p50']:.3f} ms, p90 {gw['p90']:.3f} ms "
+        f"(target <= 1 ms at p50: {'met' if report['target_met'] else 'not met'})"
+    )
+    print(
+        f"added by the gateway tier (http less direct, outside the worker): p50 "
+        f"{added['p50']:.3f} ms, p90 {added['p90']:.3f} ms; an HTTP round trip that does "
+        f"nothing, after the same idle gap: p50 {idle['p50']:.3f} ms"
+    )
     print(f"end-to-end latency ratio http/direct {report['latency_ratio_http_to_direct']:.3f}")
     print(f"wrote {write_json('overhead', report)}")
     return report

@@ -67,17 +67,43 @@ class Stack:
         wait_ready(self.base, [self.gateway, *self.workers])
 
     def _gateway(self) -> Proc:
-        proc = spawn("vdiff_api.cli", ["--port", str(self.port), "--zmq-bind", self.zmq,
-                                       "--heartbeat-interval", "0.3", "--drain-timeout", "20"],
-                     self.tmp / f"gateway-{time.monotonic_ns()}.log")
+        proc = spawn(
+            "vdiff_api.cli",
+            [
+                "--port",
+                str(self.port),
+                "--zmq-bind",
+                self.zmq,
+                "--heartbeat-interval",
+                "0.3",
+                "--drain-timeout",
+                "20",
+            ],
+            self.tmp / f"gateway-{time.monotonic_ns()}.log",
+        )
         wait_ready(self.base, [proc], path="/health/live")
         return proc
 
     def worker(self, name: str) -> Proc:
-        return spawn("vdiff_worker", ["--model", MODEL, "--gateway", self.zmq, "--worker-id",
-                                      name, "--num-threads", "1", "--heartbeat-interval", "0.3",
-                                      "--max-queue-size", "4096", *self.worker_flags],
-                     self.tmp / f"{name}-{time.monotonic_ns()}.log")
+        return spawn(
+            "vdiff_worker",
+            [
+                "--model",
+                MODEL,
+                "--gateway",
+                self.zmq,
+                "--worker-id",
+                name,
+                "--num-threads",
+                "1",
+                "--heartbeat-interval",
+                "0.3",
+                "--max-queue-size",
+                "4096",
+                *self.worker_flags,
+            ],
+            self.tmp / f"{name}-{time.monotonic_ns()}.log",
+        )
 
     def restart_gateway(self) -> None:
         self.gateway.stop(signal.SIGKILL)
@@ -88,15 +114,22 @@ class Stack:
             p.stop(signal.SIGKILL, timeout=5)
 
 
-async def drive(base: str, n: int, concurrency: int, stream: bool,
-                on_progress: Callable[[int], None] | None = None,
-                timeout: float = 120.0, stop: threading.Event | None = None) -> list[Sample]:
+async def drive(
+    base: str,
+    n: int,
+    concurrency: int,
+    stream: bool,
+    on_progress: Callable[[int], None] | None = None,
+    timeout: float = 120.0,
+    stop: threading.Event | None = None,
+) -> list[Sample]:
     """Send up to `n` requests from `concurrency` lanes (until `stop` is set, if given)."""
     body = {"model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8, "block_length": 8}
     samples: list[Sample] = []
     remaining = n
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=base, timeout=timeout, limits=limits) as client:
+
         async def lane() -> None:
             nonlocal remaining
             while remaining > 0 and not (stop is not None and stop.is_set()):
@@ -120,19 +153,24 @@ def load_phase(tmp: Path, n: int, concurrency: int) -> dict[str, Any]:
                 marks.append((rss(stack.gateway.popen.pid), rss(stack.workers[0].popen.pid)))
 
         t0 = time.perf_counter()
-        samples = asyncio.run(drive(stack.base, n, concurrency, stream=False,
-                                    on_progress=progress))
+        samples = asyncio.run(drive(stack.base, n, concurrency, stream=False, on_progress=progress))
         seconds = time.perf_counter() - t0
     finally:
         stack.close()
     codes = Counter(s.status for s in samples)
     first, last = marks[0], marks[-1]
     growth = [(b - a) / a * 100 for a, b in zip(first, last)]
-    return {"requests": n, "concurrency": concurrency, "answered": len(samples),
-            "seconds": round(seconds, 2), "requests_per_s": round(n / seconds, 1),
-            "codes": dict(codes), "gateway_rss_growth_pct": round(growth[0], 2),
-            "worker_rss_growth_pct": round(growth[1], 2),
-            "ok": len(samples) == n and set(codes) <= INTENTIONAL and max(growth) < 5.0}
+    return {
+        "requests": n,
+        "concurrency": concurrency,
+        "answered": len(samples),
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(n / seconds, 1),
+        "codes": dict(codes),
+        "gateway_rss_growth_pct": round(growth[0], 2),
+        "worker_rss_growth_pct": round(growth[1], 2),
+        "ok": len(samples) == n and set(codes) <= INTENTIONAL and max(growth) < 5.0,
+    }
 
 
 class Background:
@@ -141,8 +179,11 @@ class Background:
     def __init__(self, base: str, n: int, concurrency: int, stream: bool) -> None:
         self.samples: list[Sample] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=lambda: self.samples.extend(asyncio.run(
-            drive(base, n, concurrency, stream, timeout=60.0, stop=self.stop))))
+        self.thread = threading.Thread(
+            target=lambda: self.samples.extend(
+                asyncio.run(drive(base, n, concurrency, stream, timeout=60.0, stop=self.stop))
+            )
+        )
         self.thread.start()
 
     def finish(self, after: float = 1.0) -> bool:
@@ -156,8 +197,14 @@ class Background:
 def fault_phase(tmp: Path, n: int) -> list[dict[str, Any]]:
     rows = []
 
-    def scenario(name: str, expect: str, act: Callable[[Stack], None], workers: int,
-                 allowed: set[str], stream: bool = True) -> None:
+    def scenario(
+        name: str,
+        expect: str,
+        act: Callable[[Stack], None],
+        workers: int,
+        allowed: set[str],
+        stream: bool = True,
+    ) -> None:
         stack = Stack(tmp / name.replace(" ", "-"), workers)
         try:
             load = Background(stack.base, n, 8, stream)
@@ -166,18 +213,28 @@ def fault_phase(tmp: Path, n: int) -> list[dict[str, Any]]:
             t0 = time.perf_counter()
             act(stack)
             hung = not load.finish()
-            after = httpx.post(stack.base + "/v1/completions", timeout=60, json={
-                "model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8}).status_code
+            after = httpx.post(
+                stack.base + "/v1/completions",
+                timeout=60,
+                json={"model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8},
+            ).status_code
         except httpx.HTTPError as err:
             hung, after, t0 = False, 0, time.perf_counter()
             samples = [Sample(False, type(err).__name__, 0.0)]
         finally:
             stack.close()
         codes = Counter(s.status for s in samples)
-        rows.append({"scenario": name, "expected": expect, "codes": dict(codes),
-                     "hung": hung, "serves_after": after,
-                     "seconds": round(time.perf_counter() - t0, 2),
-                     "ok": not hung and after == 200 and set(codes) <= allowed})
+        rows.append(
+            {
+                "scenario": name,
+                "expected": expect,
+                "codes": dict(codes),
+                "hung": hung,
+                "serves_after": after,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "ok": not hung and after == 200 and set(codes) <= allowed,
+            }
+        )
 
     def kill_worker(s: Stack) -> None:
         s.workers[0].stop(signal.SIGKILL)
@@ -191,12 +248,22 @@ def fault_phase(tmp: Path, n: int) -> list[dict[str, Any]]:
         s.restart_gateway()
         wait_ready(s.base, [s.gateway, *s.workers], timeout=30)
 
-    scenario("SIGKILL one of two workers", "done or a clear 503/stream error", kill_worker, 2,
-             INTENTIONAL | {"stream_error"})
+    scenario(
+        "SIGKILL one of two workers",
+        "done or a clear 503/stream error",
+        kill_worker,
+        2,
+        INTENTIONAL | {"stream_error"},
+    )
     scenario("SIGTERM one of two workers", "every request 200", term_worker, 2, {"200"})
-    scenario("SIGKILL + restart gateway", "connection errors while down, then 200",
-             restart_gateway, 1, INTENTIONAL | {"stream_error", "RemoteProtocolError",
-                                                "ConnectError", "ReadError", "ConnectTimeout"})
+    scenario(
+        "SIGKILL + restart gateway",
+        "connection errors while down, then 200",
+        restart_gateway,
+        1,
+        INTENTIONAL
+        | {"stream_error", "RemoteProtocolError", "ConnectError", "ReadError", "ConnectTimeout"},
+    )
     return rows
 
 
@@ -215,9 +282,13 @@ def gateway_sigterm(tmp: Path) -> dict[str, Any]:
     # After the drain the listener closes: later requests cannot connect, and a keep-alive
     # connection closed as a new request was sent on it reads an error (never an in-flight one).
     ok_codes = {"200", "503", "ConnectError", "RemoteProtocolError", "ReadError"}
-    return {"scenario": "SIGTERM gateway", "expected": "in-flight finish, exit 0",
-            "codes": dict(codes), "exit_code": code,
-            "ok": code == 0 and set(codes) <= ok_codes and codes["200"] > 0}
+    return {
+        "scenario": "SIGTERM gateway",
+        "expected": "in-flight finish, exit 0",
+        "codes": dict(codes),
+        "exit_code": code,
+        "ok": code == 0 and set(codes) <= ok_codes and codes["200"] > 0,
+    }
 
 
 def rejected_frames(base: str) -> float:
@@ -237,17 +308,28 @@ def send_hostile_frames(address: str) -> tuple[int, protocol.Message | None]:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"intruder")
     sock.connect(address)
-    frames = [b"", b"\xff\x00garbage", msgspec.msgpack.encode({"type": "Nope"}),
-              protocol.encode(protocol.Heartbeat("x"))[:-2],  # truncated
-              msgspec.msgpack.encode({"type": "Chunk", "request_id": 1}),  # wrong types
-              b"x" * 2_000_000]
+    frames = [
+        b"",
+        b"\xff\x00garbage",
+        msgspec.msgpack.encode({"type": "Nope"}),
+        protocol.encode(protocol.Heartbeat("x"))[:-2],  # truncated
+        msgspec.msgpack.encode({"type": "Chunk", "request_id": 1}),  # wrong types
+        b"x" * 2_000_000,
+    ]
     try:
         for f in frames:
             sock.send(f)
         sock.send_multipart([b"two", b"parts"])
-        sock.send(protocol.encode(protocol.Register(
-            version=protocol.PROTOCOL_VERSION + 1, worker_id="future", capacity=1,
-            models=[protocol.ModelInfo("evil", 10)])))
+        sock.send(
+            protocol.encode(
+                protocol.Register(
+                    version=protocol.PROTOCOL_VERSION + 1,
+                    worker_id="future",
+                    capacity=1,
+                    models=[protocol.ModelInfo("evil", 10)],
+                )
+            )
+        )
         answer = protocol.decode(sock.recv()) if sock.poll(5000) else None
         sock.send(b"y" * (65 * 1024 * 1024))
     finally:
@@ -271,10 +353,12 @@ def frames_case(stack: Stack) -> dict[str, Any]:
     expected, counted, answer = refused_frames(stack.base, stack.zmq)
     refused = isinstance(answer, protocol.Welcome) and not answer.accepted
     workers = [w["id"] for w in httpx.get(stack.base + "/health").json()["workers"]]
-    return {"case": "ZeroMQ port: garbage, truncated, wrong-type, oversized, wrong-version "
-                    "frames", "status": f"{counted:.0f} of {expected} counted, version "
-                                        f"{'refused' if refused else 'NOT refused'}",
-            "ok": counted == expected and refused and "future" not in workers}
+    return {
+        "case": "ZeroMQ port: garbage, truncated, wrong-type, oversized, wrong-version frames",
+        "status": f"{counted:.0f} of {expected} counted, version "
+        f"{'refused' if refused else 'NOT refused'}",
+        "ok": counted == expected and refused and "future" not in workers,
+    }
 
 
 def hostile_phase(tmp: Path) -> list[dict[str, Any]]:
@@ -285,46 +369,69 @@ def hostile_phase(tmp: Path) -> list[dict[str, Any]]:
         ("deeply nested JSON", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {400}),
         ("invalid UTF-8", b'{"model": "llada-tiny", "prompt": "\xff\xfe"}', {400}),
         ("huge n", b'{"model": "llada-tiny", "prompt": "x", "n": 100000}', {400}),
-        ("huge max_tokens", b'{"model": "llada-tiny", "prompt": "x", "max_tokens": 1e12}',
-         {400}),
-        ("negative max_tokens", b'{"model": "llada-tiny", "prompt": "x", "max_tokens": -5}',
-         {400}),
-        ("NaN temperature", b'{"model": "llada-tiny", "prompt": "x", "temperature": NaN}',
-         {400}),
+        ("huge max_tokens", b'{"model": "llada-tiny", "prompt": "x", "max_tokens": 1e12}', {400}),
+        ("negative max_tokens", b'{"model": "llada-tiny", "prompt": "x", "max_tokens": -5}', {400}),
+        ("NaN temperature", b'{"model": "llada-tiny", "prompt": "x", "temperature": NaN}', {400}),
         ("not JSON", b"\x00\x01garbage", {400}),
     ]
     rows = []
     try:
         for name, body, want in cases:
-            r = httpx.post(url, content=body, timeout=60,
-                           headers={"content-type": "application/json"})
-            rows.append({"case": name, "status": r.status_code,
-                         "ok": r.status_code in want and "error" in r.json()})
+            r = httpx.post(
+                url, content=body, timeout=60, headers={"content-type": "application/json"}
+            )
+            rows.append(
+                {
+                    "case": name,
+                    "status": r.status_code,
+                    "ok": r.status_code in want and "error" in r.json(),
+                }
+            )
         rows.append(frames_case(stack))
-        alive = httpx.post(url, timeout=60, json={"model": "llada-tiny", "prompt": PROMPT,
-                                                  "max_tokens": 8}).status_code
+        alive = httpx.post(
+            url, timeout=60, json={"model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8}
+        ).status_code
         rows.append({"case": "still serving afterwards", "status": alive, "ok": alive == 200})
     finally:
         stack.close()
     return rows
 
 
-SECURITY = ("tests/e2e/test_gateway_auth.py", "tests/e2e/test_gateway_curve.py",
-            "tests/common/test_no_unpickling.py")
+SECURITY = (
+    "tests/e2e/test_gateway_auth.py",
+    "tests/e2e/test_gateway_curve.py",
+    "tests/common/test_no_unpickling.py",
+)
 
 
 def security_phase(tmp: Path) -> list[dict[str, Any]]:
     """The security tests (API keys on every /v1 route, CURVE admission, no unpickling, no key
     in the logs), run here so that one report holds every figure; `make test` runs them too."""
     report = tmp / "security.xml"
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    f"--junitxml={report}", *SECURITY], cwd=ROOT, capture_output=True,
-                   timeout=900)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            *SECURITY,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=900,
+    )
     rows = []
     for case in ElementTree.parse(report).getroot().iter("testcase"):
         failed = any(child.tag in ("failure", "error", "skipped") for child in case)
-        rows.append({"case": f"{case.get('classname', '').rsplit('.', 1)[-1]}::"
-                             f"{case.get('name')}", "ok": not failed})
+        rows.append(
+            {
+                "case": f"{case.get('classname', '').rsplit('.', 1)[-1]}::{case.get('name')}",
+                "ok": not failed,
+            }
+        )
     return rows or [{"case": "security tests", "ok": False}]
 
 
@@ -336,19 +443,41 @@ def schema_phase(tmp: Path, examples: int) -> dict[str, Any]:
     tool = Path(sys.executable).parent / "schemathesis"
     try:
         out = subprocess.run(
-            [str(tool), "run", stack.base + "/openapi.json", "--max-examples", str(examples),
-             "--checks", "all", "--exclude-checks", "positive_data_acceptance", "-w", "2",
-             "--exclude-path-regex", "^/docs", "--no-color"],
-            capture_output=True, text=True, timeout=900)
-        alive = httpx.post(stack.base + "/v1/completions", timeout=60, json={
-            "model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8}).status_code
+            [
+                str(tool),
+                "run",
+                stack.base + "/openapi.json",
+                "--max-examples",
+                str(examples),
+                "--checks",
+                "all",
+                "--exclude-checks",
+                "positive_data_acceptance",
+                "-w",
+                "2",
+                "--exclude-path-regex",
+                "^/docs",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        alive = httpx.post(
+            stack.base + "/v1/completions",
+            timeout=60,
+            json={"model": "llada-tiny", "prompt": PROMPT, "max_tokens": 8},
+        ).status_code
     finally:
         stack.close()
     found = re.search(r"(\d+) generated, (.*)", out.stdout)
-    return {"case": "schemathesis", "status": alive,
-            "summary": found.group(0).strip() if found else out.stdout[-300:],
-            "generated": int(found.group(1)) if found else 0,
-            "ok": out.returncode == 0 and alive == 200}
+    return {
+        "case": "schemathesis",
+        "status": alive,
+        "summary": found.group(0).strip() if found else out.stdout[-300:],
+        "generated": int(found.group(1)) if found else 0,
+        "ok": out.returncode == 0 and alive == 200,
+    }
 
 
 def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
@@ -356,74 +485,136 @@ def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
     Reported against the 1 ms target, not gated on: a timing is a figure, not a check."""
     stack = Stack(tmp / "overhead")
     out = tmp / "overhead.json"
-    command = ["--base-url", stack.base, "--no-stream", "--concurrency", "1", "--max-tokens",
-               "8", "--num-prompts", str(n), "--output", str(out)]
+    command = [
+        "--base-url",
+        stack.base,
+        "--no-stream",
+        "--concurrency",
+        "1",
+        "--max-tokens",
+        "8",
+        "--num-prompts",
+        str(n),
+        "--output",
+        str(out),
+    ]
     try:
         serving.main(command)
     finally:
         stack.close()
     report = json.loads(out.read_text())
-    ms = {name: {k: round(report[key][k] * 1000, 3) for k in ("p50", "p90")}
-          for name, key in (("gateway", "gateway_overhead_s"),
-                            ("transport", "transport_overhead_s"),
-                            ("added", "outside_worker_s"))}
+    ms = {
+        name: {k: round(report[key][k] * 1000, 3) for k in ("p50", "p90")}
+        for name, key in (
+            ("gateway", "gateway_overhead_s"),
+            ("transport", "transport_overhead_s"),
+            ("added", "outside_worker_s"),
+        )
+    }
     tier = overhead.main(["--requests", str(n)])
-    return {"command": "vdiff-bench " + " ".join(command[2:-2]), "requests": n,
-            "errors": report["errors"], "ms": ms, "tier": tier,
-            "target_met": ms["gateway"]["p50"] <= 1.0, "ok": not report["errors"]}
+    return {
+        "command": "vdiff-bench " + " ".join(command[2:-2]),
+        "requests": n,
+        "errors": report["errors"],
+        "ms": ms,
+        "tier": tier,
+        "target_met": ms["gateway"]["p50"] <= 1.0,
+        "ok": not report["errors"],
+    }
 
 
 def markdown(report: dict[str, Any], command: str) -> str:
     load = report["load"]
-    lines = ["# Reliability", "", f"Last run: `{command}` ({report['date']}).", "",
-             "## Load", "", "| requests | concurrency | seconds | req/s | status codes | "
-             "gateway RSS growth | worker RSS growth | ok |", "|---|---|---|---|---|---|---|---|",
-             f"| {load['requests']} | {load['concurrency']} | {load['seconds']} | "
-             f"{load['requests_per_s']} | {load['codes']} | {load['gateway_rss_growth_pct']}% | "
-             f"{load['worker_rss_growth_pct']}% | {load['ok']} |", "", "## Faults", "",
-             "| scenario | expected | outcomes | ok |", "|---|---|---|---|"]
+    lines = [
+        "# Reliability",
+        "",
+        f"Last run: `{command}` ({report['date']}).",
+        "",
+        "## Load",
+        "",
+        "| requests | concurrency | seconds | req/s | status codes | "
+        "gateway RSS growth | worker RSS growth | ok |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {load['requests']} | {load['concurrency']} | {load['seconds']} | "
+        f"{load['requests_per_s']} | {load['codes']} | {load['gateway_rss_growth_pct']}% | "
+        f"{load['worker_rss_growth_pct']}% | {load['ok']} |",
+        "",
+        "## Faults",
+        "",
+        "| scenario | expected | outcomes | ok |",
+        "|---|---|---|---|",
+    ]
     for row in report["faults"]:
         lines.append(f"| {row['scenario']} | {row['expected']} | {row['codes']} | {row['ok']} |")
     lines += ["", "## Hostile input", "", "| case | status | ok |", "|---|---|---|"]
     for row in report["hostile"]:
         lines.append(f"| {row['case']} | {row['status']} | {row['ok']} |")
-    lines += ["", "## Security", "", f"`pytest {' '.join(SECURITY)}`", "", "| test | ok |",
-              "|---|---|"]
+    lines += [
+        "",
+        "## Security",
+        "",
+        f"`pytest {' '.join(SECURITY)}`",
+        "",
+        "| test | ok |",
+        "|---|---|",
+    ]
     for row in report["security"]:
         lines.append(f"| {row['case']} | {row['ok']} |")
     schema = report["schema"]
-    lines += ["", "## Schema fuzzing", "", f"schemathesis: {schema['summary']} "
-              f"(worker serving afterwards: {schema['status']}, ok: {schema['ok']})"]
+    lines += [
+        "",
+        "## Schema fuzzing",
+        "",
+        f"schemathesis: {schema['summary']} "
+        f"(worker serving afterwards: {schema['status']}, ok: {schema['ok']})",
+    ]
     over = report["overhead"]
-    lines += ["", "## Gateway overhead", "",
-              f"`{over['command']}` against a gateway and one LLaDA-tiny worker "
-              f"({over['requests']} requests; target: gateway p50 <= 1 ms, met: "
-              f"{over['target_met']}). Gateway: request read to job out plus result in to "
-              "response out; transport: the rest of the round trip outside the worker; "
-              "added: the client's latency less the worker's time (HTTP and the client "
-              "included).", "", "| share | p50 ms | p90 ms |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Gateway overhead",
+        "",
+        f"`{over['command']}` against a gateway and one LLaDA-tiny worker "
+        f"({over['requests']} requests; target: gateway p50 <= 1 ms, met: "
+        f"{over['target_met']}). Gateway: request read to job out plus result in to "
+        "response out; transport: the rest of the round trip outside the worker; "
+        "added: the client's latency less the worker's time (HTTP and the client "
+        "included).",
+        "",
+        "| share | p50 ms | p90 ms |",
+        "|---|---|---|",
+    ]
     for name, row in over["ms"].items():
         lines.append(f"| {name} | {row['p50']} | {row['p90']} |")
     tier = over["tier"]
-    lines += ["", f"`{tier['command']}`: the same worker answers each request directly over "
-              "ZeroMQ and through the gateway's HTTP API, alternating; *outside worker* is "
-              "latency less the worker's own time; *hop* is a GET /health/live after the gateway "
-              "sat idle as long as the worker computed (raw-socket client, no HTTP library).",
-              "", "| path | requests | latency p50 ms | outside worker p50 ms | "
-              "outside worker p90 ms |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"`{tier['command']}`: the same worker answers each request directly over "
+        "ZeroMQ and through the gateway's HTTP API, alternating; *outside worker* is "
+        "latency less the worker's own time; *hop* is a GET /health/live after the gateway "
+        "sat idle as long as the worker computed (raw-socket client, no HTTP library).",
+        "",
+        "| path | requests | latency p50 ms | outside worker p50 ms | outside worker p90 ms |",
+        "|---|---|---|---|---|",
+    ]
     for row in tier["rows"]:
-        lines.append(f"| {row['path']} | {row['requests']} | {row['latency p50 ms']:.3f} | "
-                     f"{row['outside worker p50 ms']:.3f} | {row['outside worker p90 ms']:.3f} |")
-    lines += ["", f"Added by the gateway tier (http less direct): p50 "
-              f"{tier['added_ms']['p50']:.3f} ms, p90 {tier['added_ms']['p90']:.3f} ms; of it "
-              f"the gateway's own time p50 {tier['gateway_ms']['p50']:.3f} ms, and a hop that "
-              f"does nothing costs p50 {tier['hop_ms']['p50']:.3f} ms."]
+        lines.append(
+            f"| {row['path']} | {row['requests']} | {row['latency p50 ms']:.3f} | "
+            f"{row['outside worker p50 ms']:.3f} | {row['outside worker p90 ms']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Added by the gateway tier (http less direct): p50 "
+        f"{tier['added_ms']['p50']:.3f} ms, p90 {tier['added_ms']['p90']:.3f} ms; of it "
+        f"the gateway's own time p50 {tier['gateway_ms']['p50']:.3f} ms, and a hop that "
+        f"does nothing costs p50 {tier['hop_ms']['p50']:.3f} ms.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="the short form CI runs")
     args = ap.parse_args()
     n, conc, fault_n = (200, 16, 2000) if args.quick else (2000, 64, 20_000)
@@ -446,15 +637,20 @@ def main() -> None:
         print("schema", json.dumps(report["schema"]))
         report["overhead"] = overhead_phase(Path(tmp), 50 if args.quick else 300)
         print("overhead", json.dumps(report["overhead"]))
-    report["ok"] = (report["load"]["ok"] and all(r["ok"] for r in report["faults"])
-                    and all(r["ok"] for r in report["hostile"]) and report["schema"]["ok"]
-                    and all(r["ok"] for r in report.get("security", []))
-                    and report["overhead"]["ok"])
+    report["ok"] = (
+        report["load"]["ok"]
+        and all(r["ok"] for r in report["faults"])
+        and all(r["ok"] for r in report["hostile"])
+        and report["schema"]["ok"]
+        and all(r["ok"] for r in report.get("security", []))
+        and report["overhead"]["ok"]
+    )
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.json").write_text(json.dumps(report, indent=2))
     if not args.quick:
         (ROOT / "bench" / "reliability.md").write_text(
-            markdown(report, "python -m bench.reliability"))
+            markdown(report, "python -m bench.reliability")
+        )
     print("reliability", "PASS" if report["ok"] else "FAIL")
     raise SystemExit(0 if report["ok"] else 1)
 

@@ -68,8 +68,13 @@ def percentiles(xs: list[float]) -> dict[str, float]:
     def pct(p: float) -> float:
         return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
-    return {"mean": statistics.fmean(xs), "p50": pct(50), "p90": pct(90), "p95": pct(95),
-            "p99": pct(99)}
+    return {
+        "mean": statistics.fmean(xs),
+        "p50": pct(50),
+        "p90": pct(90),
+        "p95": pct(95),
+        "p99": pct(99),
+    }
 
 
 def load_prompts(dataset: str | None, n: int, seed: int) -> list[str]:
@@ -101,12 +106,21 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> 
                 return Sample(False, str(r.status_code), latency)
             usage = r.json()["usage"]
             timing = r.headers.get("server-timing", "")
-            return Sample(True, "200", latency, None, usage["completion_tokens"],
-                          usage.get("forward_passes", 0), server_timing(timing, "gateway"),
-                          server_timing(timing, "transport"), server_timing(timing, "worker"))
+            return Sample(
+                True,
+                "200",
+                latency,
+                None,
+                usage["completion_tokens"],
+                usage.get("forward_passes", 0),
+                server_timing(timing, "gateway"),
+                server_timing(timing, "transport"),
+                server_timing(timing, "worker"),
+            )
         ttfc, usage, errored = None, {}, False
-        async with client.stream("POST", url, json={
-                **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        async with client.stream(
+            "POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}}
+        ) as r:
             if r.status_code != 200:
                 await r.aread()
                 return Sample(False, str(r.status_code), time.perf_counter() - start)
@@ -123,8 +137,14 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> 
         latency = time.perf_counter() - start
         if errored:
             return Sample(False, "stream_error", latency, ttfc)
-        return Sample(True, "200", latency, ttfc, usage.get("completion_tokens", 0),
-                      usage.get("forward_passes", 0))
+        return Sample(
+            True,
+            "200",
+            latency,
+            ttfc,
+            usage.get("completion_tokens", 0),
+            usage.get("forward_passes", 0),
+        )
     except httpx.TimeoutException:
         return Sample(False, "timeout", time.perf_counter() - start)
     except httpx.HTTPError as err:
@@ -134,13 +154,15 @@ async def one(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> 
 async def run(args: argparse.Namespace) -> Report:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.concurrency, 64))
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, limits=limits,
-                                 timeout=args.timeout) as client:
+    async with httpx.AsyncClient(
+        base_url=args.base_url, headers=headers, limits=limits, timeout=args.timeout
+    ) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
         prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
         extra = json.loads(args.extra_body) if args.extra_body else {}
-        bodies = [{"model": model, "prompt": p, "max_tokens": args.max_tokens, **extra}
-                  for p in prompts]
+        bodies = [
+            {"model": model, "prompt": p, "max_tokens": args.max_tokens, **extra} for p in prompts
+        ]
         url = "/v1/completions"
         start = time.perf_counter()
         if args.request_rate:
@@ -170,32 +192,45 @@ async def run(args: argparse.Namespace) -> Report:
     tokens = sum(s.completion_tokens for s in good)
     forwards = sum(s.forward_passes for s in good)
     return Report(
-        model=model, mode=mode + (" stream" if args.stream else ""), requests=len(samples),
-        duration_s=duration, requests_per_s=len(good) / duration,
+        model=model,
+        mode=mode + (" stream" if args.stream else ""),
+        requests=len(samples),
+        duration_s=duration,
+        requests_per_s=len(good) / duration,
         output_tokens_per_s=tokens / duration,
-        tokens_per_forward=tokens / forwards if forwards else 0.0, errors=errors,
+        tokens_per_forward=tokens / forwards if forwards else 0.0,
+        errors=errors,
         latency_s=percentiles([s.latency for s in good]),
         ttfc_s=percentiles([s.ttfc for s in good if s.ttfc is not None]),
         gateway_overhead_s=percentiles([s.gateway_s for s in good if s.gateway_s is not None]),
-        transport_overhead_s=percentiles([s.transport_s for s in good
-                                          if s.transport_s is not None]),
-        outside_worker_s=percentiles([s.latency - s.worker_s for s in good
-                                      if s.worker_s is not None]))
+        transport_overhead_s=percentiles(
+            [s.transport_s for s in good if s.transport_s is not None]
+        ),
+        outside_worker_s=percentiles(
+            [s.latency - s.worker_s for s in good if s.worker_s is not None]
+        ),
+    )
 
 
 def show(report: Report) -> str:
-    lines = [f"model {report.model}  {report.mode}  requests {report.requests}  "
-             f"duration {report.duration_s:.2f}s",
-             f"requests/s {report.requests_per_s:.2f}  output tokens/s "
-             f"{report.output_tokens_per_s:.1f}  tokens/forward {report.tokens_per_forward:.2f}",
-             f"errors {report.errors or 'none'}"]
-    for name, stats in (("latency", report.latency_s), ("ttfc", report.ttfc_s),
-                        ("gateway", report.gateway_overhead_s),
-                        ("transport", report.transport_overhead_s),
-                        ("added", report.outside_worker_s)):
+    lines = [
+        f"model {report.model}  {report.mode}  requests {report.requests}  "
+        f"duration {report.duration_s:.2f}s",
+        f"requests/s {report.requests_per_s:.2f}  output tokens/s "
+        f"{report.output_tokens_per_s:.1f}  tokens/forward {report.tokens_per_forward:.2f}",
+        f"errors {report.errors or 'none'}",
+    ]
+    for name, stats in (
+        ("latency", report.latency_s),
+        ("ttfc", report.ttfc_s),
+        ("gateway", report.gateway_overhead_s),
+        ("transport", report.transport_overhead_s),
+        ("added", report.outside_worker_s),
+    ):
         if stats:
-            lines.append(f"{name:9s} " + "  ".join(f"{k} {v * 1000:.2f}ms"
-                                                  for k, v in stats.items()))
+            lines.append(
+                f"{name:9s} " + "  ".join(f"{k} {v * 1000:.2f}ms" for k, v in stats.items())
+            )
     return "\n".join(lines)
 
 
@@ -223,15 +258,22 @@ def plot(report: Report, path: Path) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="vdiff-bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="vdiff-bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--base-url", default="http://127.0.0.1:8000")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--model", default=None, help="default: the first of /v1/models")
     ap.add_argument("--num-prompts", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--request-rate", type=float, default=None,
-                    help="Poisson arrivals per second instead of fixed concurrency")
+    ap.add_argument(
+        "--request-rate",
+        type=float,
+        default=None,
+        help="Poisson arrivals per second instead of fixed concurrency",
+    )
     ap.add_argument("--dataset", default=None, help="JSONL file with a 'prompt' per line")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--extra-body", default=None, help="JSON merged into every request")

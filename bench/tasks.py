@@ -15,14 +15,50 @@ from dataclasses import dataclass
 
 HELD_OUT_SEED = 20261125
 
-WORDS = ["wind", "bird", "star", "tree", "bear", "stone", "door", "house", "cherry", "river",
-         "cloud", "apple", "green", "light", "moon", "fish", "rain", "road", "snow", "lamp"]
-CAPITALS = {"France": "Paris", "Norway": "Oslo", "Romania": "Bucharest", "Spain": "Madrid",
-            "Italy": "Rome", "Germany": "Berlin", "Japan": "Tokyo", "Egypt": "Cairo",
-            "Kenya": "Nairobi", "Peru": "Lima", "Canada": "Ottawa", "Poland": "Warsaw",
-            "Greece": "Athens", "Chile": "Santiago", "Sweden": "Stockholm",
-            "Portugal": "Lisbon", "Austria": "Vienna", "Ireland": "Dublin", "Cuba": "Havana",
-            "India": "New Delhi"}
+WORDS = [
+    "wind",
+    "bird",
+    "star",
+    "tree",
+    "bear",
+    "stone",
+    "door",
+    "house",
+    "cherry",
+    "river",
+    "cloud",
+    "apple",
+    "green",
+    "light",
+    "moon",
+    "fish",
+    "rain",
+    "road",
+    "snow",
+    "lamp",
+]
+CAPITALS = {
+    "France": "Paris",
+    "Norway": "Oslo",
+    "Romania": "Bucharest",
+    "Spain": "Madrid",
+    "Italy": "Rome",
+    "Germany": "Berlin",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Canada": "Ottawa",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "Chile": "Santiago",
+    "Sweden": "Stockholm",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Ireland": "Dublin",
+    "Cuba": "Havana",
+    "India": "New Delhi",
+}
 TIMES = {2: "twice", 3: "three times"}
 
 
@@ -46,8 +82,9 @@ def _sub(r: random.Random) -> Task:
 
 def _sort(r: random.Random) -> Task:
     xs = r.sample(range(100), r.randint(3, 6))
-    return Task("sort", "Sort the numbers: " + " ".join(map(str, xs)),
-                " ".join(map(str, sorted(xs))))
+    return Task(
+        "sort", "Sort the numbers: " + " ".join(map(str, xs)), " ".join(map(str, sorted(xs)))
+    )
 
 
 def _reverse(r: random.Random) -> Task:
@@ -66,8 +103,11 @@ def _count(r: random.Random) -> Task:
     letters = "aehicon"
     target = r.choice(letters)
     seq = [r.choice(letters) for _ in range(r.randint(4, 8))]
-    return Task("count", f"How many times does the letter {target} appear in: {' '.join(seq)}?",
-                str(seq.count(target)))
+    return Task(
+        "count",
+        f"How many times does the letter {target} appear in: {' '.join(seq)}?",
+        str(seq.count(target)),
+    )
 
 
 def _max(r: random.Random) -> Task:
@@ -81,12 +121,20 @@ def _capital(r: random.Random) -> Task:
 
 
 KINDS: dict[str, Callable[[random.Random], Task]] = {
-    "add": _add, "sub": _sub, "sort": _sort, "reverse": _reverse, "repeat": _repeat,
-    "count": _count, "max": _max, "capital": _capital}
+    "add": _add,
+    "sub": _sub,
+    "sort": _sort,
+    "reverse": _reverse,
+    "repeat": _repeat,
+    "count": _count,
+    "max": _max,
+    "capital": _capital,
+}
 
 
-def suite(n_per_kind: int = 20, seed: int = HELD_OUT_SEED,
-          kinds: list[str] | None = None) -> list[Task]:
+def suite(
+    n_per_kind: int = 20, seed: int = HELD_OUT_SEED, kinds: list[str] | None = None
+) -> list[Task]:
     r = random.Random(seed)
     return [KINDS[k](r) for k in (kinds or list(KINDS)) for _ in range(n_per_kind)]
 

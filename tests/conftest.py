@@ -48,13 +48,19 @@ class Proc:
 def spawn(module: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     fh = log.open("wb")
-    popen = subprocess.Popen([sys.executable, "-m", module, *args], stdout=fh,
-                             stderr=subprocess.STDOUT, env=full_env, preexec_fn=die_with_parent)
+    popen = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        preexec_fn=die_with_parent,
+    )
     return Proc(popen, log)
 
 
-def wait_ready(base: str, procs: list[Proc], timeout: float = 120.0,
-               path: str = "/health/ready") -> None:
+def wait_ready(
+    base: str, procs: list[Proc], timeout: float = 120.0, path: str = "/health/ready"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -66,8 +72,9 @@ def wait_ready(base: str, procs: list[Proc], timeout: float = 120.0,
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{path} never answered 200:\n" + "\n".join(p.output()[-2000:]
-                                                                    for p in procs))
+    raise TimeoutError(
+        f"{path} never answered 200:\n" + "\n".join(p.output()[-2000:] for p in procs)
+    )
 
 
 @dataclass
@@ -81,13 +88,17 @@ class Server:
         return self.base + "/v1"
 
 
-def start_allinone(tmp: Path, *flags: str, env: dict[str, str] | None = None,
-                   ready_timeout: float = 120.0) -> Server:
+def start_allinone(
+    tmp: Path, *flags: str, env: dict[str, str] | None = None, ready_timeout: float = 120.0
+) -> Server:
     port, zport = free_port(), free_port()
     zmq = f"tcp://127.0.0.1:{zport}"
-    proc = spawn("vdiff_api", ["--port", str(port), "--zmq-bind", zmq,
-                                             "--num-threads", "1", *flags],
-                 tmp / f"vdiff-{port}.log", env)
+    proc = spawn(
+        "vdiff_api",
+        ["--port", str(port), "--zmq-bind", zmq, "--num-threads", "1", *flags],
+        tmp / f"vdiff-{port}.log",
+        env,
+    )
     server = Server(f"http://127.0.0.1:{port}", zmq, [proc])
     wait_ready(server.base, [proc], timeout=ready_timeout)
     return server
@@ -95,8 +106,7 @@ def start_allinone(tmp: Path, *flags: str, env: dict[str, str] | None = None,
 
 @pytest.fixture(scope="session")
 def llada_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_allinone(tmp_path_factory.mktemp("llada"), "--model",
-                            str(GOLDEN / "llada-tiny"))
+    server = start_allinone(tmp_path_factory.mktemp("llada"), "--model", str(GOLDEN / "llada-tiny"))
     yield server
     for p in server.procs:
         p.stop()

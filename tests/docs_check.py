@@ -17,9 +17,18 @@ from tests.conftest import ROOT, free_port, spawn, wait_ready
 
 OUT = ROOT / "build" / "docs"
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/tokenize")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--virtual-time-budget=15000", "--window-size=1280,1600"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=15000",
+    "--window-size=1280,1600",
+]
 
 
 def chromium() -> str:
@@ -35,8 +44,12 @@ def chromium() -> str:
 
 def browse(browser: str, url: str, *extra: str) -> str:
     with tempfile.TemporaryDirectory() as profile:
-        out = subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", *extra, url],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [browser, *FLAGS, f"--user-data-dir={profile}", *extra, url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     if out.returncode != 0:
         sys.exit(f"docs-check: chromium failed ({out.returncode}):\n{out.stderr[-2000:]}")
     return out.stdout
@@ -46,8 +59,11 @@ def main() -> None:
     browser = chromium()
     OUT.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    gateway = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind",
-                                      f"tcp://127.0.0.1:{free_port()}"], OUT / "gateway.log")
+    gateway = spawn(
+        "vdiff_api.cli",
+        ["--port", str(port), "--zmq-bind", f"tcp://127.0.0.1:{free_port()}"],
+        OUT / "gateway.log",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, [gateway], timeout=30, path="/health/live")

@@ -24,12 +24,16 @@ def repo_dir(cache: Path, repo_id: str) -> Path:
     return cache / ("models--" + repo_id.replace("/", "--"))
 
 
-def add_snapshot(cache: Path, repo_id: str, files: dict[str, bytes], *,
-                 refs: tuple[str, ...] = ("main",)) -> str:
+def add_snapshot(
+    cache: Path, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",)
+) -> str:
     """Store ``files`` as one commit of ``repo_id`` that ``refs`` point at; its hash."""
-    commit = hashlib.sha1(repo_id.encode() + b"".join(
-        name.encode() + hashlib.sha256(data).digest() for name, data in sorted(files.items())
-    )).hexdigest()
+    commit = hashlib.sha1(
+        repo_id.encode()
+        + b"".join(
+            name.encode() + hashlib.sha256(data).digest() for name, data in sorted(files.items())
+        )
+    ).hexdigest()
     repo = repo_dir(cache, repo_id)
     (repo / "blobs").mkdir(parents=True, exist_ok=True)
     snapshot = repo / "snapshots" / commit

@@ -22,8 +22,9 @@ def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends",
-                        "prometheus"], check=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True
+        )
         found = shutil.which("promtool")
     if found is None:
         sys.exit("metrics-check: cannot find or install promtool")
@@ -36,25 +37,46 @@ def main() -> None:
     zmq = f"tcp://127.0.0.1:{zport}"
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        gateway = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind", zmq],
-                        Path(tmp) / "gateway.log")
-        worker = spawn("vdiff_worker", ["--model", str(GOLDEN / "llada-tiny"), "--gateway", zmq,
-                                        "--metrics-port", str(mport), "--metrics-host",
-                                        "127.0.0.1", "--num-threads", "1"],
-                       Path(tmp) / "worker.log")
+        gateway = spawn(
+            "vdiff_api.cli", ["--port", str(port), "--zmq-bind", zmq], Path(tmp) / "gateway.log"
+        )
+        worker = spawn(
+            "vdiff_worker",
+            [
+                "--model",
+                str(GOLDEN / "llada-tiny"),
+                "--gateway",
+                zmq,
+                "--metrics-port",
+                str(mport),
+                "--metrics-host",
+                "127.0.0.1",
+                "--num-threads",
+                "1",
+            ],
+            Path(tmp) / "worker.log",
+        )
         try:
             wait_ready(base, [gateway, worker])
-            r = httpx.post(base + "/v1/completions", timeout=60,
-                           json={"prompt": "What is 2 + 3?", "max_tokens": 8})
+            r = httpx.post(
+                base + "/v1/completions",
+                timeout=60,
+                json={"prompt": "What is 2 + 3?", "max_tokens": 8},
+            )
             r.raise_for_status()
             failed = []
-            for name, url in (("gateway", base + "/metrics"),
-                              ("worker", f"http://127.0.0.1:{mport}/metrics")):
+            for name, url in (
+                ("gateway", base + "/metrics"),
+                ("worker", f"http://127.0.0.1:{mport}/metrics"),
+            ):
                 text = httpx.get(url, timeout=10).text
-                out = subprocess.run([tool, "check", "metrics"], input=text,
-                                     capture_output=True, text=True)
-                print(f"{name}: {len(text.splitlines())} lines, promtool rc={out.returncode}"
-                      f"{' ' + out.stdout + out.stderr if out.returncode else ''}")
+                out = subprocess.run(
+                    [tool, "check", "metrics"], input=text, capture_output=True, text=True
+                )
+                print(
+                    f"{name}: {len(text.splitlines())} lines, promtool rc={out.returncode}"
+                    f"{' ' + out.stdout + out.stderr if out.returncode else ''}"
+                )
                 if out.returncode != 0:
                     failed.append(name)
         finally:

@@ -71,23 +71,37 @@ class _Usage:
         transport = max(0.0, flight - self.worker_s)
         metrics.GATEWAY_OVERHEAD.observe(gateway)
         metrics.TRANSPORT_OVERHEAD.observe(transport)
-        return (f"gateway;dur={gateway * 1000:.3f}, transport;dur={transport * 1000:.3f}, "
-                f"worker;dur={self.worker_s * 1000:.3f}")
+        return (
+            f"gateway;dur={gateway * 1000:.3f}, transport;dur={transport * 1000:.3f}, "
+            f"worker;dur={self.worker_s * 1000:.3f}"
+        )
 
     def as_dict(self) -> dict[str, int]:
         p = sum(self.prompt.values())
-        return {"prompt_tokens": p, "completion_tokens": self.completion,
-                "total_tokens": p + self.completion, "forward_passes": self.forward_passes}
+        return {
+            "prompt_tokens": p,
+            "completion_tokens": self.completion,
+            "total_tokens": p + self.completion,
+            "forward_passes": self.forward_passes,
+        }
 
 
 def _card(info: ModelInfo) -> dict[str, object]:
     """A model as OpenAI lists it, with vLLM's max_model_len."""
-    return {"id": info.name, "object": "model", "created": 0, "owned_by": "vdiff",
-            "root": info.name, "max_model_len": info.max_model_len}
+    return {
+        "id": info.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "vdiff",
+        "root": info.name,
+        "max_model_len": info.max_model_len,
+    }
 
 
-async def _chain(first: tuple[int, Result], rest: AsyncGenerator[tuple[int, Result], None],
-                 ) -> AsyncGenerator[tuple[int, Result], None]:
+async def _chain(
+    first: tuple[int, Result],
+    rest: AsyncGenerator[tuple[int, Result], None],
+) -> AsyncGenerator[tuple[int, Result], None]:
     try:
         yield first
         async for item in rest:
@@ -96,8 +110,9 @@ async def _chain(first: tuple[int, Result], rest: AsyncGenerator[tuple[int, Resu
         await rest.aclose()
 
 
-async def _until_disconnect(request: Request, body: AsyncGenerator[bytes, None],
-                            keepalive: float = 0.5) -> AsyncIterator[bytes]:
+async def _until_disconnect(
+    request: Request, body: AsyncGenerator[bytes, None], keepalive: float = 0.5
+) -> AsyncIterator[bytes]:
     """Yield from `body`; stop it as soon as the client is gone.
 
     A diffusion block can take a while, and an HTTP/1.1 server only notices a closed
@@ -115,8 +130,9 @@ async def _until_disconnect(request: Request, body: AsyncGenerator[bytes, None],
         while not gone.done():
             pending: asyncio.Future[Any] = nxt or asyncio.ensure_future(anext(body))
             nxt = pending
-            await asyncio.wait([pending, gone], timeout=keepalive,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [pending, gone], timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
+            )
             if not pending.done():
                 yield b": keep-alive\n\n"
                 continue
@@ -135,8 +151,7 @@ async def _until_disconnect(request: Request, body: AsyncGenerator[bytes, None],
 
 
 class Gateway:
-    def __init__(self, backend: Backend, settings: Settings,
-                 policy: Policy | None = None) -> None:
+    def __init__(self, backend: Backend, settings: Settings, policy: Policy | None = None) -> None:
         self.backend = backend
         self.settings = settings
         self.policy = policy or Policy()
@@ -192,14 +207,28 @@ class Gateway:
     async def health(self, request: Request) -> Response:
         """Gateway and worker state: readiness, draining, requests in flight, workers."""
         state = self.backend.snapshot()
-        workers = [{"id": w.id, "models": w.models, "draining": w.draining,
-                    "running": w.load.running, "waiting": w.load.waiting,
-                    "inflight": w.inflight} for w in state.workers]
+        workers = [
+            {
+                "id": w.id,
+                "models": w.models,
+                "draining": w.draining,
+                "running": w.load.running,
+                "waiting": w.load.waiting,
+                "inflight": w.inflight,
+            }
+            for w in state.workers
+        ]
         ok = self.is_ready(state)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "ready": ok,
-                             "draining": self.draining, "active_requests": self.active,
-                             "workers": workers},
-                            status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "unavailable",
+                "ready": ok,
+                "draining": self.draining,
+                "active_requests": self.active,
+                "workers": workers,
+            },
+            status_code=200 if ok else 503,
+        )
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus metrics of this gateway."""
@@ -219,14 +248,23 @@ class Gateway:
 
     async def engine_stats(self, request: Request) -> Response:
         """Per-worker engine statistics: load, steps per second, batch sizes."""
-        workers = [{"id": w.id, "models": w.models, "running": w.load.running,
-                    "waiting": w.load.waiting, "free_slots": w.load.free_slots,
-                    "inflight": w.inflight, "capacity": w.capacity,
-                    "steps_per_s": w.load.steps_per_s,
-                    "tokens_per_forward": w.load.tokens_per_forward,
-                    "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max},
-                    "model_calls": w.load.model_calls, "model_rows": w.load.model_rows}
-                   for w in self.backend.snapshot().workers]
+        workers = [
+            {
+                "id": w.id,
+                "models": w.models,
+                "running": w.load.running,
+                "waiting": w.load.waiting,
+                "free_slots": w.load.free_slots,
+                "inflight": w.inflight,
+                "capacity": w.capacity,
+                "steps_per_s": w.load.steps_per_s,
+                "tokens_per_forward": w.load.tokens_per_forward,
+                "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max},
+                "model_calls": w.load.model_calls,
+                "model_rows": w.load.model_rows,
+            }
+            for w in self.backend.snapshot().workers
+        ]
         return JSONResponse({"workers": workers})
 
     async def list_models(self, request: Request) -> Response:
@@ -253,12 +291,18 @@ class Gateway:
             if (req.prompt is None) == (req.messages is None):
                 raise APIError(400, "give exactly one of 'prompt' and 'messages'", param="prompt")
             chat = messages(req.messages) if req.messages is not None else None
-            info, reply = await self._tokenizer(request, req.model, prompt=req.prompt,
-                                                messages=chat)
+            info, reply = await self._tokenizer(
+                request, req.model, prompt=req.prompt, messages=chat
+            )
         except APIError as err:
             return err.response()
-        return JSONResponse({"count": len(reply.tokens), "max_model_len": info.max_model_len,
-                             "tokens": reply.tokens})
+        return JSONResponse(
+            {
+                "count": len(reply.tokens),
+                "max_model_len": info.max_model_len,
+                "tokens": reply.tokens,
+            }
+        )
 
     async def detokenize(self, request: Request) -> Response:
         """The text of token ids (vLLM's shape: {model, tokens} gives {prompt})."""
@@ -269,8 +313,12 @@ class Gateway:
             return err.response()
         return JSONResponse({"prompt": reply.text})
 
-    async def _tokenizer(self, request: Request, model: str | None, **fields: Any,
-                         ) -> tuple[ModelInfo, Tokens]:
+    async def _tokenizer(
+        self,
+        request: Request,
+        model: str | None,
+        **fields: Any,
+    ) -> tuple[ModelInfo, Tokens]:
         """Ask a worker serving `model` to (de)tokenize; its errors become APIErrors."""
         access = access_of(request)
         info = self._resolve(model)
@@ -312,8 +360,9 @@ class Gateway:
             return APIError(first[1].status, first[1].message, first[1].param).response()
         if the_plan.stream:
             body = self._stream(access, the_plan, chat, start, _chain(first, results))
-            return StreamingResponse(_until_disconnect(request, body),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _until_disconnect(request, body), media_type="text/event-stream"
+            )
         return await self._collect(access, the_plan, start, chat, _chain(first, results))
 
     async def _plan(self, request: Request, schema: type, rid: str) -> Plan:
@@ -356,8 +405,12 @@ class Gateway:
         except NoWorker as err:
             raise APIError(err.status, err.message, param="model") from None
 
-    async def _results(self, the_plan: Plan, access: Access, watch: Request | None = None,
-                       ) -> AsyncGenerator[tuple[int, Result], None]:
+    async def _results(
+        self,
+        the_plan: Plan,
+        access: Access,
+        watch: Request | None = None,
+    ) -> AsyncGenerator[tuple[int, Result], None]:
         """Merge the results of all jobs; yields (global choice index, message) until every
         choice is done or an Error arrives. Results are put on the queue by the backend
         as they come off the socket: no task per job between them and this generator.
@@ -371,15 +424,17 @@ class Gateway:
         async def disconnect(request: Request) -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
-            queue.put_nowait((0, Error(access.request_id, 499, "the client closed the "
-                                                                "connection")))
+            queue.put_nowait((0, Error(access.request_id, 499, "the client closed the connection")))
 
         gone = asyncio.ensure_future(disconnect(watch)) if watch is not None else None
         try:
             for k, job in enumerate(the_plan.jobs):
+
                 def deliver(msg: Result, k: int = k) -> None:
-                    queue.put_nowait((k * the_plan.n + (0 if isinstance(msg, Error)
-                                                        else msg.index), msg))
+                    queue.put_nowait(
+                        (k * the_plan.n + (0 if isinstance(msg, Error) else msg.index), msg)
+                    )
+
                 try:
                     started.append(self.backend.dispatch(job, access.trace, deliver))
                 except NoWorker as err:
@@ -401,8 +456,9 @@ class Gateway:
             self.active -= 1
             metrics.ACTIVE.dec()
 
-    def _account(self, access: Access, the_plan: Plan, usage: _Usage, start: float,
-                 status: int) -> None:
+    def _account(
+        self, access: Access, the_plan: Plan, usage: _Usage, start: float, status: int
+    ) -> None:
         latency = time.perf_counter() - start
         if status == 200:
             metrics.SUCCESS.labels(the_plan.model).inc()
@@ -415,8 +471,14 @@ class Gateway:
         access.prompt_tokens = sum(usage.prompt.values())
         access.completion_tokens = usage.completion
 
-    async def _collect(self, access: Access, the_plan: Plan, start: float, chat: bool,
-                       results: AsyncGenerator[tuple[int, Result], None]) -> Response:
+    async def _collect(
+        self,
+        access: Access,
+        the_plan: Plan,
+        start: float,
+        chat: bool,
+        results: AsyncGenerator[tuple[int, Result], None],
+    ) -> Response:
         choices = [_Choice() for _ in range(len(the_plan.jobs) * the_plan.n)]
         usage = _Usage()
         try:
@@ -434,8 +496,11 @@ class Gateway:
         self._account(access, the_plan, usage, start, 200)
         out = []
         for i, c in enumerate(choices):
-            item: dict[str, object] = {"index": i, "finish_reason": c.finish_reason,
-                                       "logprobs": None}
+            item: dict[str, object] = {
+                "index": i,
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
             if chat:
                 item["message"] = {"role": "assistant", "content": c.text}
             else:
@@ -443,16 +508,25 @@ class Gateway:
             if the_plan.return_token_ids:
                 item["token_ids"] = c.token_ids
             out.append(item)
-        body = {"id": ("chatcmpl-" if chat else "cmpl-") + access.request_id,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": the_plan.model, "choices": out,
-                "usage": usage.as_dict()}
+        body = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + access.request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": the_plan.model,
+            "choices": out,
+            "usage": usage.as_dict(),
+        }
         return JSONResponse(body, headers={"server-timing": usage.timing(access)})
 
     @staticmethod
-    def _delta(index: int, chat: bool, the_plan: Plan, text: str = "",
-               token_ids: list[int] | None = None, finish: str | None = None,
-               ) -> dict[str, object]:
+    def _delta(
+        index: int,
+        chat: bool,
+        the_plan: Plan,
+        text: str = "",
+        token_ids: list[int] | None = None,
+        finish: str | None = None,
+    ) -> dict[str, object]:
         """One streamed choice: new text (and its ids), or the finish with an empty delta."""
         choice: dict[str, object] = {"index": index, "logprobs": None, "finish_reason": finish}
         if chat:
@@ -463,9 +537,14 @@ class Gateway:
             choice["token_ids"] = token_ids
         return choice
 
-    async def _stream(self, access: Access, the_plan: Plan, chat: bool, start: float,
-                      results: AsyncGenerator[tuple[int, Result], None],
-                      ) -> AsyncGenerator[bytes, None]:
+    async def _stream(
+        self,
+        access: Access,
+        the_plan: Plan,
+        chat: bool,
+        start: float,
+        results: AsyncGenerator[tuple[int, Result], None],
+    ) -> AsyncGenerator[bytes, None]:
         cid = ("chatcmpl-" if chat else "cmpl-") + access.request_id
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
@@ -473,14 +552,28 @@ class Gateway:
         first = True
 
         def event(choices: list[dict[str, object]], **extra: object) -> bytes:
-            body = {"id": cid, "object": kind, "created": created, "model": the_plan.model,
-                    "choices": choices, **extra}
+            body = {
+                "id": cid,
+                "object": kind,
+                "created": created,
+                "model": the_plan.model,
+                "choices": choices,
+                **extra,
+            }
             return b"data: " + json.dumps(body).encode() + b"\n\n"
 
         if chat:
             for i in range(len(the_plan.jobs) * the_plan.n):
-                yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
-                              "logprobs": None, "finish_reason": None}])
+                yield event(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
         status, streamed, ended = 200, 0, False
         try:
             async for index, msg in results:

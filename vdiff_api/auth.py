@@ -27,8 +27,11 @@ class APIKeys:
                 text = Path(name).read_text(encoding="utf-8")
             except OSError as err:
                 raise ValueError(f"--api-key-file {name}: {err.strerror}") from None
-            found = [line.strip() for line in text.splitlines()
-                     if line.strip() and not line.strip().startswith("#")]
+            found = [
+                line.strip()
+                for line in text.splitlines()
+                if line.strip() and not line.strip().startswith("#")
+            ]
             if not found:
                 raise ValueError(f"--api-key-file {name} holds no keys")
             out += found

@@ -68,8 +68,12 @@ class Backend(Protocol):
 
     def snapshot(self) -> Snapshot: ...
 
-    def dispatch(self, msg: Generate, trace: Trace, deliver: Callable[[Result], None],
-                 ) -> str:
+    def dispatch(
+        self,
+        msg: Generate,
+        trace: Trace,
+        deliver: Callable[[Result], None],
+    ) -> str:
         """Send a job (raises NoWorker); `deliver` gets each result, on the event loop,
         until every choice is Done or an Error ends it. Returns the id to abort it by."""
         ...

@@ -79,16 +79,20 @@ class AuthorizedKeys:
             return True
         if key not in self.refused:
             self.refused.add(key)
-            logger.warning("refused a worker whose CURVE public key {} is not in {}",
-                           key.decode(), self.directory)
+            logger.warning(
+                "refused a worker whose CURVE public key {} is not in {}",
+                key.decode(),
+                self.directory,
+            )
         return False
 
 
 class Dispatcher:
     """The Backend over ZeroMQ: workers register, heartbeat and answer on one ROUTER."""
 
-    def __init__(self, bind: str, heartbeat_s: float = 1.0,
-                 curve: tuple[Keys, Path] | None = None) -> None:
+    def __init__(
+        self, bind: str, heartbeat_s: float = 1.0, curve: tuple[Keys, Path] | None = None
+    ) -> None:
         self.bind = bind
         self.heartbeat_s = heartbeat_s
         self.curve = curve  # our keypair and the directory of admitted worker keys
@@ -111,14 +115,21 @@ class Dispatcher:
             self._auth.start()
             self._auth.configure_curve_callback("*", AuthorizedKeys(authorized))
         elif not transport.is_loopback(self.bind):
-            logger.warning("the worker socket {} is reachable from other hosts without CURVE: "
-                           "anyone who connects can register as a worker and receive "
-                           "prompts; use --zmq-curve-dir", self.bind)
+            logger.warning(
+                "the worker socket {} is reachable from other hosts without CURVE: "
+                "anyone who connects can register as a worker and receive "
+                "prompts; use --zmq-curve-dir",
+                self.bind,
+            )
         sock = transport.router(self._ctx, self.bind, keys)
         self._chan = transport.Channel(sock, asyncio.get_running_loop(), self._on_frames)
         self._tasks = [asyncio.create_task(self._heartbeat_loop())]
-        logger.info("gateway {} listening for workers on {}{}", self.gateway_id, self.bind,
-                    " (CURVE)" if keys is not None else "")
+        logger.info(
+            "gateway {} listening for workers on {}{}",
+            self.gateway_id,
+            self.bind,
+            " (CURVE)" if keys is not None else "",
+        )
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -163,15 +174,26 @@ class Dispatcher:
         raise NoWorker(404, f"The model '{model}' does not exist.")
 
     def snapshot(self) -> Snapshot:
-        workers = [WorkerState(id=w.worker_id, models=sorted(w.models), draining=w.draining,
-                               capacity=w.capacity, inflight=len(w.inflight), load=w.load)
-                   for w in self.workers.values()]
+        workers = [
+            WorkerState(
+                id=w.worker_id,
+                models=sorted(w.models),
+                draining=w.draining,
+                capacity=w.capacity,
+                inflight=len(w.inflight),
+                load=w.load,
+            )
+            for w in self.workers.values()
+        ]
         return Snapshot(models=self.models(), workers=workers)
 
     def _live(self, model: str, exclude: bytes | None = None) -> list[Worker]:
         self.resolve(model)  # its 404/503 refusals, the same the gateway gave
-        live = [w for w in self.workers.values()
-                if model in w.models and self.routable(w) and w.identity != exclude]
+        live = [
+            w
+            for w in self.workers.values()
+            if model in w.models and self.routable(w) and w.identity != exclude
+        ]
         if not live:  # only the excluded worker serves it
             raise NoWorker(503, f"no worker serving model '{model}' is available")
         return live
@@ -190,8 +212,12 @@ class Dispatcher:
             request_id = f"{request_id}.{uuid.uuid4().hex[:6]}"
         return request_id
 
-    def dispatch(self, msg: Generate, trace: Trace, deliver: Callable[[Result], None],
-                 ) -> str:
+    def dispatch(
+        self,
+        msg: Generate,
+        trace: Trace,
+        deliver: Callable[[Result], None],
+    ) -> str:
         """Send a job (raises NoWorker when none can take it); `deliver` gets its results,
         straight from the socket, until every choice is Done or an Error ends it. Returns
         the job's id for `abort`."""
@@ -288,17 +314,23 @@ class Dispatcher:
 
     def _register(self, identity: bytes, msg: protocol.Register) -> None:
         if msg.version != protocol.PROTOCOL_VERSION:
-            reason = f"protocol version {msg.version} not supported (gateway speaks " \
-                     f"{protocol.PROTOCOL_VERSION})"
+            reason = (
+                f"protocol version {msg.version} not supported (gateway speaks "
+                f"{protocol.PROTOCOL_VERSION})"
+            )
             logger.warning("rejecting worker {}: {}", msg.worker_id, reason)
             self._send(identity, protocol.Welcome(self.gateway_id, False, reason))
             return
         known = self.workers.get(identity)
         self.workers[identity] = Worker(
-            identity=identity, worker_id=msg.worker_id,
-            models={m.name: m for m in msg.models}, capacity=msg.capacity,
-            load=msg.load, last_seen=time.monotonic(),
-            inflight=known.inflight if known is not None else set())
+            identity=identity,
+            worker_id=msg.worker_id,
+            models={m.name: m for m in msg.models},
+            capacity=msg.capacity,
+            load=msg.load,
+            last_seen=time.monotonic(),
+            inflight=known.inflight if known is not None else set(),
+        )
         self.seen_models.update(m.name for m in msg.models)
         metrics.WORKERS.set(len(self.workers))
         logger.info("worker {} registered serving {}", msg.worker_id, [m.name for m in msg.models])
@@ -317,8 +349,9 @@ class Dispatcher:
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)
         metrics.WORKERS.set(len(self.workers))
-        logger.warning("worker {} is dead ({}); {} jobs affected", worker.worker_id, why,
-                       len(worker.inflight))
+        logger.warning(
+            "worker {} is dead ({}); {} jobs affected", worker.worker_id, why, len(worker.inflight)
+        )
         for request_id in list(worker.inflight):
             job = self.jobs.get(request_id)
             if job is not None:
@@ -340,8 +373,11 @@ class Dispatcher:
                 logger.info("retrying {} on worker {}", rid, worker.worker_id)
                 self._send_job(job, worker)
                 return
-        self._deliver(job, error or Error(request_id=rid, status=503,
-                                          message="the worker serving this request died"))
+        self._deliver(
+            job,
+            error
+            or Error(request_id=rid, status=503, message="the worker serving this request died"),
+        )
 
     def _deliver(self, job: Job, msg: Result) -> None:
         if isinstance(msg, Done):

@@ -80,8 +80,12 @@ class Policy:
     def needs_key(self, path: str) -> bool:
         if not self.keys.enabled:
             return False
-        return (path.startswith("/v1/") or path == "/v1" or path in _KEYED
-                or (self.protect_metrics and path == "/metrics"))
+        return (
+            path.startswith("/v1/")
+            or path == "/v1"
+            or path in _KEYED
+            or (self.protect_metrics and path == "/metrics")
+        )
 
     def _trusted(self, address: str) -> bool:
         try:
@@ -105,8 +109,9 @@ class Policy:
 
 
 class FrontDoor:
-    def __init__(self, app: ASGIApp, policy: Policy,
-                 draining: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self, app: ASGIApp, policy: Policy, draining: Callable[[], bool] = lambda: False
+    ) -> None:
         self.app = app
         self.policy = policy
         # While draining every answer closes its connection: a client's next request then
@@ -124,8 +129,9 @@ class FrontDoor:
             rid = uuid.uuid4().hex
         client = self.policy.client_ip(scope, headers)
         path = scope["path"]
-        access = Access(request_id=rid, method=scope["method"], path=path, client=client,
-                        who="ip:" + client)
+        access = Access(
+            request_id=rid, method=scope["method"], path=path, client=client, who="ip:" + client
+        )
         scope["vdiff.access"] = access
         extra = [(b"x-request-id", rid.encode())]
         settled = False
@@ -140,8 +146,7 @@ class FrontDoor:
             if message["type"] == "http.response.start":
                 access.status = access.status or message["status"]
                 closing = [(b"connection", b"close")] if self.draining() else []
-                message = {**message, "headers": [*message.get("headers", []), *extra,
-                                                  *closing]}
+                message = {**message, "headers": [*message.get("headers", []), *extra, *closing]}
             elif not message.get("more_body", False):
                 settle()  # before the client can see the end and send its next request
             await send(message)
@@ -160,25 +165,32 @@ class FrontDoor:
             settle()
             _log(access)
 
-    def _admit(self, access: Access, headers: Headers,
-               extra: list[tuple[bytes, bytes]]) -> APIError | None:
+    def _admit(
+        self, access: Access, headers: Headers, extra: list[tuple[bytes, bytes]]
+    ) -> APIError | None:
         policy = self.policy
         if policy.needs_key(access.path):
             name = policy.keys.check(headers.get("authorization"))
             if name is None:
                 given = headers.get("authorization") is not None
-                return APIError(401, "invalid API key" if given else
-                                "missing API key: send the header 'Authorization: Bearer <key>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+                return APIError(
+                    401,
+                    "invalid API key"
+                    if given
+                    else "missing API key: send the header 'Authorization: Bearer <key>'",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
             access.who = "key:" + name
         if policy.limiter.enabled and access.path.startswith("/v1/"):
             decision = policy.limiter.admit(access.who)
             extra += [(k.encode(), v.encode()) for k, v in decision.headers.items()]
             if decision.refused is not None:
                 what = "requests" if decision.refused == "requests" else "generated tokens"
-                return APIError(429, f"rate limit reached for {what} per minute; retry in "
-                                     f"{decision.retry_after}s",
-                                headers={"Retry-After": str(decision.retry_after)})
+                return APIError(
+                    429,
+                    f"rate limit reached for {what} per minute; retry in {decision.retry_after}s",
+                    headers={"Retry-After": str(decision.retry_after)},
+                )
         return None
 
 
@@ -186,14 +198,32 @@ def _log(access: Access) -> None:
     latency = time.perf_counter() - access.start
     workers = ",".join(sorted(access.trace.workers))
     fields: dict[str, Any] = {
-        "access": True, "request_id": access.request_id, "method": access.method,
-        "path": access.path, "status": access.status, "model": access.model,
-        "latency_s": round(latency, 4), "prompt_tokens": access.prompt_tokens,
-        "completion_tokens": access.completion_tokens, "worker": workers,
-        "client": access.client, "principal": access.who}
+        "access": True,
+        "request_id": access.request_id,
+        "method": access.method,
+        "path": access.path,
+        "status": access.status,
+        "model": access.model,
+        "latency_s": round(latency, 4),
+        "prompt_tokens": access.prompt_tokens,
+        "completion_tokens": access.completion_tokens,
+        "worker": workers,
+        "client": access.client,
+        "principal": access.who,
+    }
     level = "DEBUG" if access.path in _PROBES else "INFO"
     logger.bind(**fields).log(
-        level, "{} {} {} status={} model={} latency={:.3f}s prompt_tokens={} "
-        "completion_tokens={} worker={} by={}", access.request_id, access.method,
-        access.path, access.status, access.model or "-", latency, access.prompt_tokens,
-        access.completion_tokens, workers or "-", access.who)
+        level,
+        "{} {} {} status={} model={} latency={:.3f}s prompt_tokens={} "
+        "completion_tokens={} worker={} by={}",
+        access.request_id,
+        access.method,
+        access.path,
+        access.status,
+        access.model or "-",
+        latency,
+        access.prompt_tokens,
+        access.completion_tokens,
+        workers or "-",
+        access.who,
+    )

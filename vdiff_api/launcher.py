@@ -27,10 +27,12 @@ def _worker_flags() -> argparse.ArgumentParser:
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     worker = _worker_flags()
-    p = argparse.ArgumentParser(prog="vdiff", parents=[worker],
-                                description="OpenAI-compatible server for diffusion LMs",
-                                epilog="`vdiff keys generate DIR` makes the CURVE keys that "
-                                       "--zmq-curve-dir uses.")
+    p = argparse.ArgumentParser(
+        prog="vdiff",
+        parents=[worker],
+        description="OpenAI-compatible server for diffusion LMs",
+        epilog="`vdiff keys generate DIR` makes the CURVE keys that --zmq-curve-dir uses.",
+    )
     add_gateway_args(p)
     config.add(p, "--workers", default=1, type=int, help="local worker processes to start")
     return p, worker
@@ -59,11 +61,21 @@ def worker_argv(args: argparse.Namespace, worker: argparse.ArgumentParser) -> li
     return argv
 
 
-async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
-               security: Security) -> int:
-    common = ["--gateway", args.zmq_bind, "--heartbeat-interval", str(args.heartbeat_interval),
-              "--drain-timeout", str(args.drain_timeout), "--log-level", args.log_level,
-              "--log-format", args.log_format]
+async def _run(
+    args: argparse.Namespace, worker: argparse.ArgumentParser, security: Security
+) -> int:
+    common = [
+        "--gateway",
+        args.zmq_bind,
+        "--heartbeat-interval",
+        str(args.heartbeat_interval),
+        "--drain-timeout",
+        str(args.drain_timeout),
+        "--log-level",
+        args.log_level,
+        "--log-format",
+        args.log_format,
+    ]
     if args.zmq_curve_dir:
         common += ["--zmq-curve-dir", args.zmq_curve_dir]  # the same directory's worker.key
     procs = []
@@ -71,9 +83,12 @@ async def _run(args: argparse.Namespace, worker: argparse.ArgumentParser,
         own = ["--worker-id", f"local-{i}"]
         if args.metrics_port is not None:
             own += ["--metrics-port", str(args.metrics_port + i)]  # one port per local worker
-        procs.append(subprocess.Popen([sys.executable, "-m", "vdiff_worker",
-                                       *worker_argv(args, worker), *common, *own],
-                                      preexec_fn=die_with_parent))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "vdiff_worker", *worker_argv(args, worker), *common, *own],
+                preexec_fn=die_with_parent,
+            )
+        )
     stop = asyncio.Event()
 
     async def watch() -> None:

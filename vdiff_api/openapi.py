@@ -22,15 +22,35 @@ from vdiff_api.schemas import (
     TokenizeRequest,
 )
 
-BODIES: dict[str, type] = {"/v1/completions": CompletionRequest,
-                           "/v1/chat/completions": ChatCompletionRequest,
-                           "/tokenize": TokenizeRequest, "/detokenize": DetokenizeRequest}
-_TAGS = (("/v1/", "OpenAI"), ("/tokenize", "Tokenizer"), ("/detokenize", "Tokenizer"),
-         ("/docs", "Documentation"), ("/openapi.json", "Documentation"))
-_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
-    "type": "object", "required": ["message", "type", "code"], "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"},
-        "param": {"type": "string", "nullable": True}, "code": {"type": "integer"}}}}}
+BODIES: dict[str, type] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+_TAGS = (
+    ("/v1/", "OpenAI"),
+    ("/tokenize", "Tokenizer"),
+    ("/detokenize", "Tokenizer"),
+    ("/docs", "Documentation"),
+    ("/openapi.json", "Documentation"),
+)
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string", "nullable": True},
+                "code": {"type": "integer"},
+            },
+        }
+    },
+}
 _REF = "#/components/schemas/{name}"
 _CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # Starlette's "{model:path}" is OpenAPI's "{model}"
 
@@ -80,13 +100,15 @@ def _oas30(node: Any) -> Any:
     return out
 
 
-def spec(routes: list[BaseRoute], version: str, needs_key: Callable[[str], bool],
-         ) -> dict[str, Any]:
+def spec(
+    routes: list[BaseRoute],
+    version: str,
+    needs_key: Callable[[str], bool],
+) -> dict[str, Any]:
     """The OpenAPI document: one operation per route and method, request bodies from the
     msgspec Structs, bearer security on the routes that need a key."""
     names = list(BODIES)
-    refs, components = msgspec.json.schema_components([BODIES[n] for n in names],
-                                                      ref_template=_REF)
+    refs, components = msgspec.json.schema_components([BODIES[n] for n in names], ref_template=_REF)
     body_ref = dict(zip(names, refs))
     schemas = {name: _oas30(s) for name, s in components.items()}
     schemas["Error"] = _ERROR
@@ -100,31 +122,45 @@ def spec(routes: list[BaseRoute], version: str, needs_key: Callable[[str], bool]
         path = _CONVERTOR.sub(r"{\1}", route.path)
         for method in sorted((route.methods or set()) - {"HEAD"}):
             op: dict[str, Any] = {
-                "operationId": f"{route.name}_{method.lower()}", "summary": doc[0],
+                "operationId": f"{route.name}_{method.lower()}",
+                "summary": doc[0],
                 "tags": [tag],
-                "responses": {"200": {"description": "OK"}, "default": {
-                    "description": "An OpenAI-shaped error",
-                    "content": {"application/json": {"schema": {"$ref": _REF.format(
-                        name="Error")}}}}}}
+                "responses": {
+                    "200": {"description": "OK"},
+                    "default": {
+                        "description": "An OpenAI-shaped error",
+                        "content": {
+                            "application/json": {"schema": {"$ref": _REF.format(name="Error")}}
+                        },
+                    },
+                },
+            }
             if len(doc) > 1:
                 op["description"] = " ".join(line.strip() for line in doc[1:]).strip()
             if route.param_convertors:
-                op["parameters"] = [{"name": name, "in": "path", "required": True,
-                                     "schema": {"type": "string"}}
-                                    for name in route.param_convertors]
+                op["parameters"] = [
+                    {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+                    for name in route.param_convertors
+                ]
             if route.path in body_ref:
-                op["requestBody"] = {"required": True, "content": {
-                    "application/json": {"schema": body_ref[route.path]}}}
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": body_ref[route.path]}},
+                }
             if needs_key(route.path):
                 op["security"] = [{"bearer": []}]
                 keyed = True
             paths.setdefault(path, {})[method.lower()] = op
     out: dict[str, Any] = {
         "openapi": "3.0.3",
-        "info": {"title": "vdiff", "version": version,
-                 "description": "OpenAI-compatible API for diffusion language models"},
-        "paths": paths, "components": {"schemas": schemas}}
+        "info": {
+            "title": "vdiff",
+            "version": version,
+            "description": "OpenAI-compatible API for diffusion language models",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
     if keyed:
-        out["components"]["securitySchemes"] = {"bearer": {"type": "http",
-                                                           "scheme": "bearer"}}
+        out["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     return out

@@ -55,9 +55,11 @@ class Budget:
         return max(0.0, (level - b.level) / self.rate)
 
     def headers(self, kind: str, b: _Bucket) -> dict[str, str]:
-        return {f"x-ratelimit-limit-{kind}": str(int(self.capacity)),
-                f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(b.level))),
-                f"x-ratelimit-reset-{kind}": duration(self.wait_for(b, self.capacity))}
+        return {
+            f"x-ratelimit-limit-{kind}": str(int(self.capacity)),
+            f"x-ratelimit-remaining-{kind}": str(max(0, math.floor(b.level))),
+            f"x-ratelimit-reset-{kind}": duration(self.wait_for(b, self.capacity)),
+        }
 
 
 @dataclass
@@ -71,8 +73,12 @@ class RateLimiter:
     """Requests cost one each up front; generated tokens are spent after the response (a
     bucket may go below zero), and a client waits until each bucket holds one unit again."""
 
-    def __init__(self, requests_per_minute: int = 0, tokens_per_minute: int = 0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        requests_per_minute: int = 0,
+        tokens_per_minute: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if requests_per_minute < 0 or tokens_per_minute < 0:
             raise ValueError("rate limits must be 0 (off) or positive")
         self.requests = Budget(requests_per_minute, clock) if requests_per_minute else None
@@ -84,9 +90,11 @@ class RateLimiter:
 
     def admit(self, who: str) -> Decision:
         """Take one request if both buckets hold at least one unit; else say which is empty."""
-        held = [(kind, budget, budget.bucket(who))
-                for kind, budget in (("requests", self.requests), ("tokens", self.tokens))
-                if budget is not None]
+        held = [
+            (kind, budget, budget.bucket(who))
+            for kind, budget in (("requests", self.requests), ("tokens", self.tokens))
+            if budget is not None
+        ]
         empty = next(((kind, budget, b) for kind, budget, b in held if b.level < 1), None)
         if empty is None and self.requests is not None:
             held[0][2].level -= 1

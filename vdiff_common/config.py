@@ -23,33 +23,47 @@ def _parse_bool(text: str) -> bool:
 class _Replace(argparse.Action):
     """Repeatable flag whose first use replaces the default list instead of appending to it."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         current = getattr(namespace, self.dest, None)
         if current is self.default or current is None:
             current = []
         setattr(namespace, self.dest, [*current, values])
 
 
-def add(parser: argparse.ArgumentParser | Any, flag: str, *, default: Any = None,
-        type: Any = str, help: str = "", choices: list[str] | None = None,
-        repeat: bool = False, aliases: tuple[str, ...] = ()) -> None:
+def add(
+    parser: argparse.ArgumentParser | Any,
+    flag: str,
+    *,
+    default: Any = None,
+    type: Any = str,
+    help: str = "",
+    choices: list[str] | None = None,
+    repeat: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> None:
     """Add `flag` whose default comes from its environment twin when that is set."""
     env = os.environ.get(env_name(flag))
     help_text = f"{help} [env {env_name(flag)}]"
     if type is bool:
         value = _parse_bool(env) if env is not None else default
-        parser.add_argument(flag, *aliases, default=value, action=argparse.BooleanOptionalAction,
-                            help=help_text)
+        parser.add_argument(
+            flag, *aliases, default=value, action=argparse.BooleanOptionalAction, help=help_text
+        )
         return
     if repeat:
         value = [type(v) for v in env.split(",") if v] if env is not None else default
-        parser.add_argument(flag, *aliases, default=value, type=type, action=_Replace,
-                            help=help_text)
+        parser.add_argument(
+            flag, *aliases, default=value, type=type, action=_Replace, help=help_text
+        )
         return
     value = type(env) if env is not None else default
-    parser.add_argument(flag, *aliases, default=value, type=type, help=help_text,
-                        choices=choices)
+    parser.add_argument(flag, *aliases, default=value, type=type, help=help_text, choices=choices)
 
 
 def flags_of(parser: argparse.ArgumentParser) -> set[str]:

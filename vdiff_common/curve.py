@@ -34,8 +34,10 @@ class Keys:
 
 def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
     if not path.is_file():
-        raise ValueError(f"--zmq-curve-dir: {path} is missing (make keys with "
-                         f"`vdiff keys generate {path.parent}`)")
+        raise ValueError(
+            f"--zmq-curve-dir: {path} is missing (make keys with "
+            f"`vdiff keys generate {path.parent}`)"
+        )
     try:
         public, private = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as err:
@@ -84,13 +86,18 @@ def generate(directory: Path, workers: list[str]) -> list[Path]:
 
 def keys_main(argv: list[str]) -> int:
     """`vdiff keys generate DIR [--worker NAME ...]`."""
-    p = argparse.ArgumentParser(prog="vdiff keys", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="vdiff keys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make the gateway's and workers' CURVE keys")
     g.add_argument("directory", type=Path)
-    g.add_argument("--worker", action="append", default=[],
-                   help=f"worker keypair to make and authorize (default: {WORKER})")
+    g.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        help=f"worker keypair to make and authorize (default: {WORKER})",
+    )
     args = p.parse_args(argv)
     for path in generate(args.directory, args.worker or [WORKER]):
         print(path)

@@ -19,6 +19,7 @@ class _ToLoguru(logging.Handler):
             level: str | int = logger.level(record.levelname).name
         except ValueError:
             level = record.levelno
+
         def rename(r: Record) -> None:
             r["name"] = record.name
 
@@ -35,6 +36,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
             level=level.upper(),
             format="{time:YYYY-MM-DD HH:mm:ss.SSS} {level: <7} {name}: {message}",
         )
-    logging.basicConfig(handlers=[_ToLoguru()], level=logger.level(level.upper()).no,
-                        force=True)
+    logging.basicConfig(handlers=[_ToLoguru()], level=logger.level(level.upper()).no, force=True)
     logging.captureWarnings(True)

@@ -35,8 +35,9 @@ class FrameCounter:
             logger.warning("dropping undecodable frame from peer {!r}: {}", peer[:32], err)
 
 
-def try_decode(frame: bytes, peer: bytes, counter: FrameCounter,
-               decode: Callable[[bytes], M]) -> M | None:
+def try_decode(
+    frame: bytes, peer: bytes, counter: FrameCounter, decode: Callable[[bytes], M]
+) -> M | None:
     """`decode` is the receiver's own (protocol.decode_for_gateway or _for_worker)."""
     try:
         return decode(frame)
@@ -59,8 +60,12 @@ class Channel:
 
     BURST = 256  # frames read per wake-up before other callbacks get a turn
 
-    def __init__(self, sock: zmq.Socket[bytes], loop: asyncio.AbstractEventLoop,
-                 on_frames: Callable[[list[bytes]], None]) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        loop: asyncio.AbstractEventLoop,
+        on_frames: Callable[[list[bytes]], None],
+    ) -> None:
         self.sock = sock
         self.loop = loop
         self.on_frames = on_frames
@@ -121,8 +126,11 @@ def is_loopback(address: str) -> bool:
         return False  # "*", an interface or a host name
 
 
-def router(ctx: zmq.Context[zmq.Socket[bytes]], bind: str, curve: Keys | None = None,
-           ) -> zmq.Socket[bytes]:
+def router(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    bind: str,
+    curve: Keys | None = None,
+) -> zmq.Socket[bytes]:
     """The gateway's socket; with `curve` a CURVE server (ZAP decides who may connect)."""
     sock = ctx.socket(zmq.ROUTER)
     if curve is not None:
@@ -136,8 +144,9 @@ def router(ctx: zmq.Context[zmq.Socket[bytes]], bind: str, curve: Keys | None = 
     return sock
 
 
-def dealer(ctx: zmq.Context[zmq.Socket[bytes]], connect: str, identity: bytes,
-           curve: Keys | None = None) -> zmq.Socket[bytes]:
+def dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], connect: str, identity: bytes, curve: Keys | None = None
+) -> zmq.Socket[bytes]:
     """A worker's socket to one gateway; with `curve` a CURVE client of that gateway."""
     sock = ctx.socket(zmq.DEALER)
     if curve is not None:

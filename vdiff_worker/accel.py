@@ -49,8 +49,15 @@ class Options:
     quantization: str | None = None  # "int8" | "int4" | None
 
     @classmethod
-    def from_flags(cls, *, compile: bool, compile_mode: str, attention: str,
-                   flash_attention: bool | None, quantization: str | None) -> Options:
+    def from_flags(
+        cls,
+        *,
+        compile: bool,
+        compile_mode: str,
+        attention: str,
+        flash_attention: bool | None,
+        quantization: str | None,
+    ) -> Options:
         """Normalise the flags: the seed's aliases, conflicting spellings refused."""
         if compile_mode not in COMPILE_MODES:
             raise AccelError(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}")
@@ -68,8 +75,9 @@ class Options:
             if quantization not in _QUANT_NAMES:
                 raise AccelError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}")
             quant = _QUANT_NAMES[quantization]
-        return cls(compile=compile, compile_mode=compile_mode, attention=backend,
-                   quantization=quant)
+        return cls(
+            compile=compile, compile_mode=compile_mode, attention=backend, quantization=quant
+        )
 
 
 def load_dtype(requested: str, opts: Options) -> str:
@@ -87,18 +95,26 @@ def check(opts: Options, device: torch.device, dtype: torch.dtype | None = None)
 
 def _check_flash(device: torch.device, dtype: torch.dtype | None) -> None:
     if device.type != "cuda":
-        raise AccelError(f"--attention flash needs a CUDA GPU; this worker runs on "
-                         f"{device.type} (use --attention sdpa)")
+        raise AccelError(
+            f"--attention flash needs a CUDA GPU; this worker runs on "
+            f"{device.type} (use --attention sdpa)"
+        )
     if importlib.util.find_spec("flash_attn") is None:
-        raise AccelError("--attention flash needs the flash-attn package "
-                         "(pip install flash-attn --no-build-isolation), or use --attention sdpa")
+        raise AccelError(
+            "--attention flash needs the flash-attn package "
+            "(pip install flash-attn --no-build-isolation), or use --attention sdpa"
+        )
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
-        raise AccelError(f"--attention flash needs an Ampere or newer GPU (compute capability "
-                         f"8.0+); {device} is {major}.{minor} (use --attention sdpa)")
+        raise AccelError(
+            f"--attention flash needs an Ampere or newer GPU (compute capability "
+            f"8.0+); {device} is {major}.{minor} (use --attention sdpa)"
+        )
     if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
-        raise AccelError(f"--attention flash runs in half precision; the model is {_name(dtype)} "
-                         "(use --dtype bfloat16 or float16)")
+        raise AccelError(
+            f"--attention flash runs in half precision; the model is {_name(dtype)} "
+            "(use --dtype bfloat16 or float16)"
+        )
 
 
 def _check_quantization(scheme: str, device: torch.device, dtype: torch.dtype | None) -> None:
@@ -109,11 +125,15 @@ def _check_quantization(scheme: str, device: torch.device, dtype: torch.dtype | 
         raise AccelError(f"{flag} needs torchao (pip install 'vdiff[worker]')")
     if scheme == "int4":
         if dtype is not None and dtype != torch.bfloat16:
-            raise AccelError(f"{flag} needs bfloat16 activations (torchao's int4 kernels); the "
-                             f"model is {_name(dtype)}: use --dtype bfloat16 or auto")
+            raise AccelError(
+                f"{flag} needs bfloat16 activations (torchao's int4 kernels); the "
+                f"model is {_name(dtype)}: use --dtype bfloat16 or auto"
+            )
         if device.type == "cpu" and _int4_cpu_config() is None:
-            raise AccelError(f"{flag} on CPU needs torchao's PrototypeInt4WeightOnlyConfig, "
-                             "which this torchao lacks; use --quantization int8")
+            raise AccelError(
+                f"{flag} on CPU needs torchao's PrototypeInt4WeightOnlyConfig, "
+                "which this torchao lacks; use --quantization int8"
+            )
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -165,8 +185,10 @@ def _apply_attention(model: nn.Module, backend: AttentionBackend) -> None:
         hf.set_attn_implementation(_HF_ATTENTION[backend])
         return
     if backend != "sdpa":
-        raise AccelError(f"--attention {backend} applies to LLaDA, Dream and transformers "
-                         f"models, not to {type(model).__name__}")
+        raise AccelError(
+            f"--attention {backend} applies to LLaDA, Dream and transformers "
+            f"models, not to {type(model).__name__}"
+        )
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -191,24 +213,31 @@ def quantize(model: nn.Module, scheme: str, device: torch.device) -> int:
     elif device.type == "cuda":
         from torchao.quantization.quantize_.workflows import Int4PackingFormat
 
-        config = tq.Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE,
-                                         int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+        config = tq.Int4WeightOnlyConfig(
+            group_size=INT4_GROUP_SIZE, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D
+        )
         fits = lambda layer: layer.in_features % INT4_GROUP_SIZE == 0
     else:
         config = _int4_cpu_config()(group_size=INT4_GROUP_SIZE)
         # The CPU tinygemm packing needs whole groups and 16-row tiles.
-        fits = lambda layer: (layer.in_features % INT4_GROUP_SIZE == 0
-                              and layer.out_features % 16 == 0)
+        fits = lambda layer: (
+            layer.in_features % INT4_GROUP_SIZE == 0 and layer.out_features % 16 == 0
+        )
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen = {name for name, m in linears.items() if fits(m)}
     kept = sorted(set(linears) - chosen)
     before = weight_bytes(model)
     tq.quantize_(model, config, filter_fn=lambda m, fqn: fqn in chosen)
     after = weight_bytes(model)
-    logger.info("{} weight-only quantization: {} of {} linear layers{}; weights {:.1f} MiB -> "
-                "{:.1f} MiB", scheme, len(chosen), len(linears),
-                f" (kept {', '.join(kept)}: shape not supported)" if kept else "",
-                before / 2**20, after / 2**20)
+    logger.info(
+        "{} weight-only quantization: {} of {} linear layers{}; weights {:.1f} MiB -> {:.1f} MiB",
+        scheme,
+        len(chosen),
+        len(linears),
+        f" (kept {', '.join(kept)}: shape not supported)" if kept else "",
+        before / 2**20,
+        after / 2**20,
+    )
     return len(chosen)
 
 
@@ -222,8 +251,11 @@ class CompiledRegions:
     with a new cache layout, say) is logged with its time.
     """
 
-    def __init__(self, regions: Sequence[nn.Module],
-                 compile_fn: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    def __init__(
+        self,
+        regions: Sequence[nn.Module],
+        compile_fn: Callable[[Callable[..., Any]], Callable[..., Any]],
+    ) -> None:
         self.failed = False
         self.regions = list(regions)
         self.eager = [m.forward for m in self.regions]
@@ -231,8 +263,9 @@ class CompiledRegions:
             # nn.Module.__call__ looks forward up on the instance: this reroutes every call.
             module.forward = self._region(eager, compile_fn(eager))  # type: ignore[method-assign]
 
-    def _region(self, eager: Callable[..., Any],
-                compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def _region(
+        self, eager: Callable[..., Any], compiled: Callable[..., Any]
+    ) -> Callable[..., Any]:
         from torch._dynamo.exc import TorchDynamoException
         from torch._dynamo.utils import counters
 
@@ -249,8 +282,12 @@ class CompiledRegions:
             new = counters["stats"]["unique_graphs"] - graphs
             if new:
                 shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ""
-                logger.info("torch.compile: {} new graph(s) for input {} in {:.1f} s", new,
-                            shape, time.perf_counter() - start)
+                logger.info(
+                    "torch.compile: {} new graph(s) for input {} in {:.1f} s",
+                    new,
+                    shape,
+                    time.perf_counter() - start,
+                )
             return out
 
         return forward
@@ -272,17 +309,21 @@ def compile_model(model: nn.Module, mode: str) -> CompiledRegions:
     elif isinstance(model, CausalLM):
         regions = [model]
     else:
-        raise AccelError(f"--compile applies to LLaDA, Dream and autoregressive models, not to "
-                         f"{type(model).__name__}")
+        raise AccelError(
+            f"--compile applies to LLaDA, Dream and autoregressive models, not to "
+            f"{type(model).__name__}"
+        )
     compiled = CompiledRegions(regions, lambda f: torch.compile(f, mode=mode, dynamic=True))
     device = next(model.parameters()).device
     n = _WARMUP_LENGTH
     ids = [torch.zeros(rows, n, dtype=torch.long, device=device) for rows in (1, 2, 2)]
     # Fresh tensors laid out like the engine's (dynamo guards on strides and view bases):
     # one sequence, the two expanded rows of classifier-free guidance, a padded batch.
-    positions = [torch.arange(n, device=device).repeat(1, 1),
-                 torch.arange(n, device=device).expand(2, n),
-                 torch.arange(n, device=device).repeat(2, 1)]
+    positions = [
+        torch.arange(n, device=device).repeat(1, 1),
+        torch.arange(n, device=device).expand(2, n),
+        torch.arange(n, device=device).repeat(2, 1),
+    ]
     masks = [None, None, torch.ones(2, n, dtype=torch.bool, device=device)]
     start = time.perf_counter()
     with torch.no_grad():

@@ -50,8 +50,13 @@ class Defaults:
 
 
 class Admission:
-    def __init__(self, loaded: LoadedModel, defaults: Defaults, models: frozenset[str],
-                 request_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        defaults: Defaults,
+        models: frozenset[str],
+        request_timeout: float | None = None,
+    ) -> None:
         self.loaded = loaded
         self.defaults = defaults
         self.models = models
@@ -76,14 +81,25 @@ class Admission:
             steps=p.diffusion_steps or d.diffusion_steps or cls.default_steps(gen, block),
             block_length=block,
             temperature=d.temperature if p.temperature is None else p.temperature,
-            top_p=p.top_p, top_k=p.top_k, remasking=p.remasking or d.remasking,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            remasking=p.remasking or d.remasking,
             threshold=d.threshold if p.threshold is None else p.threshold,
-            factor=d.factor if p.factor is None else p.factor, cache=cache,
-            cfg_scale=p.cfg_scale, alg=p.alg or d.alg, alg_temp=p.alg_temp,
-            apd_mixture_weight=(Settings.apd_mixture_weight if p.apd_mixture_weight is None
-                                else p.apd_mixture_weight),
-            apd_kv_window=p.apd_kv_window, apd_max_lookahead=p.apd_max_lookahead,
-            max_parallel=d.max_parallel, models=self.models)
+            factor=d.factor if p.factor is None else p.factor,
+            cache=cache,
+            cfg_scale=p.cfg_scale,
+            alg=p.alg or d.alg,
+            alg_temp=p.alg_temp,
+            apd_mixture_weight=(
+                Settings.apd_mixture_weight
+                if p.apd_mixture_weight is None
+                else p.apd_mixture_weight
+            ),
+            apd_kv_window=p.apd_kv_window,
+            apd_max_lookahead=p.apd_max_lookahead,
+            max_parallel=d.max_parallel,
+            models=self.models,
+        )
 
     def prompt_ids(self, job: Generate) -> list[int]:
         tok = self.loaded.tokenizer
@@ -94,8 +110,9 @@ class Admission:
         ids = list(job.prompt_ids or [])
         bad = [t for t in ids if not 0 <= t < tok.vocab_size]
         if bad:
-            raise ParamError("prompt", f"token id {bad[0]} is outside the vocabulary "
-                                       f"(size {tok.vocab_size})")
+            raise ParamError(
+                "prompt", f"token id {bad[0]} is outside the vocabulary (size {tok.vocab_size})"
+            )
         return ids
 
     def sequences(self, job: Generate, arrived: float) -> list[Sequence]:
@@ -105,16 +122,22 @@ class Admission:
         cls.refuse_unused(job.params, self.loaded.kind)
         settings = self.settings(job.params, cls, cache)
         if settings.steps > settings.gen_length:
-            raise ParamError("diffusion_steps", f"diffusion_steps ({settings.steps}) must not "
-                                                f"exceed max_tokens ({settings.gen_length}): a "
-                                                "step commits at least one token")
+            raise ParamError(
+                "diffusion_steps",
+                f"diffusion_steps ({settings.steps}) must not "
+                f"exceed max_tokens ({settings.gen_length}): a "
+                "step commits at least one token",
+            )
         cls.check(settings)
         ids = self.prompt_ids(job)
         limit = self.loaded.max_model_len
         if len(ids) + settings.gen_length > limit:
-            raise ParamError("max_tokens", f"prompt ({len(ids)} tokens) plus max_tokens "
-                                           f"({settings.gen_length}) exceeds the model's "
-                                           f"maximum context length of {limit} tokens")
+            raise ParamError(
+                "max_tokens",
+                f"prompt ({len(ids)} tokens) plus max_tokens "
+                f"({settings.gen_length}) exceeds the model's "
+                f"maximum context length of {limit} tokens",
+            )
         device = self.loaded.device
         prompt = torch.tensor(ids, dtype=torch.long, device=device)
         stop_ids = self.loaded.tokenizer.stop_token_ids | frozenset(job.params.stop_token_ids)
@@ -126,9 +149,19 @@ class Admission:
             seed = job.params.seed
             gen.manual_seed(seed + i if seed is not None else int(torch.randint(2**62, ())))
             ctx = Context(prompt=prompt, settings=settings, mask_id=mask_id, generator=gen)
-            out.append(Sequence(
-                request_id=job.request_id, index=i, ctx=ctx, strategy=cls(ctx),
-                tokenizer=self.loaded.tokenizer, stop_ids=stop_ids,
-                stop_strings=list(job.params.stop), early_stop=job.params.eos_early_stop,
-                stream=job.stream, deadline=deadline, arrived=arrived))
+            out.append(
+                Sequence(
+                    request_id=job.request_id,
+                    index=i,
+                    ctx=ctx,
+                    strategy=cls(ctx),
+                    tokenizer=self.loaded.tokenizer,
+                    stop_ids=stop_ids,
+                    stop_strings=list(job.params.stop),
+                    early_stop=job.params.eos_early_stop,
+                    stream=job.stream,
+                    deadline=deadline,
+                    arrived=arrived,
+                )
+            )
         return out

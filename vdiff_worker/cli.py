@@ -29,93 +29,223 @@ DEFAULT_MODEL = str(MODEL_DIR)
 
 def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     g = p.add_argument_group("worker")
-    config.add(g, "--model", default=DEFAULT_MODEL,
-               help="checkpoint to serve: a directory, or a Hugging Face id (e.g. "
-                    "GSAI-ML/LLaDA-8B-Instruct) found in the cache or downloaded into it")
-    config.add(g, "--revision", default=None,
-               help="branch, tag or commit of a Hugging Face id given to --model "
-                    "(default: main)")
-    config.add(g, "--download-dir", default=None,
-               help="Hugging Face cache for the ids of --model, --tokenizer and --apd-verifier "
-                    "(default: huggingface_hub's, HF_HUB_CACHE or HF_HOME/hub); HF_HUB_OFFLINE=1 "
-                    "reads it only, HF_TOKEN opens gated repos")
-    config.add(g, "--served-model-name", default=None,
-               help="name clients use (default: --model as given for a Hugging Face id, the "
-                    "directory's name for a directory)")
-    config.add(g, "--tokenizer", default=None,
-               help="tokenizer directory or Hugging Face id (default: --model's)")
+    config.add(
+        g,
+        "--model",
+        default=DEFAULT_MODEL,
+        help="checkpoint to serve: a directory, or a Hugging Face id (e.g. "
+        "GSAI-ML/LLaDA-8B-Instruct) found in the cache or downloaded into it",
+    )
+    config.add(
+        g,
+        "--revision",
+        default=None,
+        help="branch, tag or commit of a Hugging Face id given to --model (default: main)",
+    )
+    config.add(
+        g,
+        "--download-dir",
+        default=None,
+        help="Hugging Face cache for the ids of --model, --tokenizer and --apd-verifier "
+        "(default: huggingface_hub's, HF_HUB_CACHE or HF_HOME/hub); HF_HUB_OFFLINE=1 "
+        "reads it only, HF_TOKEN opens gated repos",
+    )
+    config.add(
+        g,
+        "--served-model-name",
+        default=None,
+        help="name clients use (default: --model as given for a Hugging Face id, the "
+        "directory's name for a directory)",
+    )
+    config.add(
+        g,
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory or Hugging Face id (default: --model's)",
+    )
     config.add(g, "--chat-template", default=None, help="Jinja chat template file")
-    config.add(g, "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-               help="weight dtype")
+    config.add(
+        g,
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weight dtype",
+    )
     config.add(g, "--device", default="auto", help="torch device: auto, cpu, cuda, cuda:N")
-    config.add(g, "--trust-remote-code", default=False, type=bool,
-               help="allow remote code for the transformers fallback (LLaDA, Dream and "
-                    "DiffusionGemma are built in and ignore it)")
-    config.add(g, "--diffusion-steps", default=None, type=int,
-               help="default denoising steps (default: one per generated token)")
+    config.add(
+        g,
+        "--trust-remote-code",
+        default=False,
+        type=bool,
+        help="allow remote code for the transformers fallback (LLaDA, Dream and "
+        "DiffusionGemma are built in and ignore it)",
+    )
+    config.add(
+        g,
+        "--diffusion-steps",
+        default=None,
+        type=int,
+        help="default denoising steps (default: one per generated token)",
+    )
     config.add(g, "--block-size", default=32, type=int, help="default semi-AR block length")
-    config.add(g, "--max-tokens", default=128, type=int,
-               help="default generation canvas when a request sets no max_tokens")
-    config.add(g, "--decoding", default=None,
-               choices=["reference", "threshold", "factor", "apd"],
-               help="default strategy (default: fast: threshold with the dual cache for LLaDA "
-                    "and Dream, reference for the others; with --disable-apd: reference)")
-    config.add(g, "--apd-threshold", default=0.9, type=float,
-               help="default confidence threshold of decoding 'threshold' (Fast-dLLM)")
-    config.add(g, "--apd-max-parallel", default=None, type=int,
-               help="most tokens one forward pass may commit with decoding threshold, factor "
-                    "or apd (default: no cap)")
-    config.add(g, "--enable-apd", default=False, type=bool,
-               help="offer decoding 'apd' (the model drafts, --apd-verifier checks); make it "
-                    "the default with --decoding apd")
+    config.add(
+        g,
+        "--max-tokens",
+        default=128,
+        type=int,
+        help="default generation canvas when a request sets no max_tokens",
+    )
+    config.add(
+        g,
+        "--decoding",
+        default=None,
+        choices=["reference", "threshold", "factor", "apd"],
+        help="default strategy (default: fast: threshold with the dual cache for LLaDA "
+        "and Dream, reference for the others; with --disable-apd: reference)",
+    )
+    config.add(
+        g,
+        "--apd-threshold",
+        default=0.9,
+        type=float,
+        help="default confidence threshold of decoding 'threshold' (Fast-dLLM)",
+    )
+    config.add(
+        g,
+        "--apd-max-parallel",
+        default=None,
+        type=int,
+        help="most tokens one forward pass may commit with decoding threshold, factor "
+        "or apd (default: no cap)",
+    )
+    config.add(
+        g,
+        "--enable-apd",
+        default=False,
+        type=bool,
+        help="offer decoding 'apd' (the model drafts, --apd-verifier checks); make it "
+        "the default with --decoding apd",
+    )
     # The seed's spelling of --no-enable-apd. Not a second boolean: the all-in-one launcher
     # re-emits each option from its value, so this one stays None unless given.
-    g.add_argument("--disable-apd", action="store_const", const=True, default=None,
-                   help="same as --no-enable-apd [env VDIFF_ENABLE_APD=0]")
-    config.add(g, "--apd-verifier", default=None,
-               help="autoregressive checkpoint (directory or Hugging Face id) sharing the "
-                    "model's tokenizer, APD's verifier (default for the built-in vdiff-tiny: "
-                    "vdiff-tiny-ar)")
-    config.add(g, "--max-num-seqs", default=16, type=int, aliases=("--max-concurrent-requests",),
-               help="sequences decoded together per step")
-    config.add(g, "--max-queue-size", default=256, type=int,
-               help="sequences waiting for a slot; beyond it requests get 429")
-    config.add(g, "--request-timeout", default=None, type=float,
-               help="seconds before a request is ended with an error")
-    config.add(g, "--metrics-port", default=None, type=int,
-               help="serve this worker's Prometheus /metrics on this port (off when unset)")
+    g.add_argument(
+        "--disable-apd",
+        action="store_const",
+        const=True,
+        default=None,
+        help="same as --no-enable-apd [env VDIFF_ENABLE_APD=0]",
+    )
+    config.add(
+        g,
+        "--apd-verifier",
+        default=None,
+        help="autoregressive checkpoint (directory or Hugging Face id) sharing the "
+        "model's tokenizer, APD's verifier (default for the built-in vdiff-tiny: "
+        "vdiff-tiny-ar)",
+    )
+    config.add(
+        g,
+        "--max-num-seqs",
+        default=16,
+        type=int,
+        aliases=("--max-concurrent-requests",),
+        help="sequences decoded together per step",
+    )
+    config.add(
+        g,
+        "--max-queue-size",
+        default=256,
+        type=int,
+        help="sequences waiting for a slot; beyond it requests get 429",
+    )
+    config.add(
+        g,
+        "--request-timeout",
+        default=None,
+        type=float,
+        help="seconds before a request is ended with an error",
+    )
+    config.add(
+        g,
+        "--metrics-port",
+        default=None,
+        type=int,
+        help="serve this worker's Prometheus /metrics on this port (off when unset)",
+    )
     config.add(g, "--metrics-host", default="0.0.0.0", help="address for --metrics-port")
-    config.add(g, "--num-threads", default=None, type=int,
-               help="torch intra-op threads (default: cores / 2, at least 1)")
-    config.add(g, "--compile", default=False, type=bool,
-               help="torch.compile the model's forward (compiled at start; a failure falls "
-                    "back to eager). Off by default: it does not pay on CPU for small models")
-    config.add(g, "--compile-mode", default="default",
-               choices=["default", "reduce-overhead", "max-autotune"],
-               help="torch.compile mode (reduce-overhead and max-autotune use CUDA graphs on GPUs)")
-    config.add(g, "--attention", default="sdpa", choices=["sdpa", "flash", "eager"],
-               help="attention kernels: PyTorch SDPA, FlashAttention (CUDA, half precision, the "
-                    "flash-attn package) or eager softmax(QK^T)V")
+    config.add(
+        g,
+        "--num-threads",
+        default=None,
+        type=int,
+        help="torch intra-op threads (default: cores / 2, at least 1)",
+    )
+    config.add(
+        g,
+        "--compile",
+        default=False,
+        type=bool,
+        help="torch.compile the model's forward (compiled at start; a failure falls "
+        "back to eager). Off by default: it does not pay on CPU for small models",
+    )
+    config.add(
+        g,
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="torch.compile mode (reduce-overhead and max-autotune use CUDA graphs on GPUs)",
+    )
+    config.add(
+        g,
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "flash", "eager"],
+        help="attention kernels: PyTorch SDPA, FlashAttention (CUDA, half precision, the "
+        "flash-attn package) or eager softmax(QK^T)V",
+    )
     # The seed's spelling, kept as an alias; None unless given, like --disable-apd.
-    g.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=None,
-                   help="same as --attention flash (--no-flash-attention: anything but flash)")
-    config.add(g, "--quantization", default=None, choices=["none", "int8", "int4", "8bit", "4bit"],
-               help="weight-only quantization of the linear layers through torchao (8bit, 4bit: "
-                    "the seed's names); int4 loads the model in bfloat16")
+    g.add_argument(
+        "--flash-attention",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="same as --attention flash (--no-flash-attention: anything but flash)",
+    )
+    config.add(
+        g,
+        "--quantization",
+        default=None,
+        choices=["none", "int8", "int4", "8bit", "4bit"],
+        help="weight-only quantization of the linear layers through torchao (8bit, 4bit: "
+        "the seed's names); int4 loads the model in bfloat16",
+    )
     if standalone:
-        config.add(g, "--gateway", default=["tcp://127.0.0.1:5557"], repeat=True,
-                   help="gateway ZeroMQ address (repeatable; DNS names follow all addresses)")
+        config.add(
+            g,
+            "--gateway",
+            default=["tcp://127.0.0.1:5557"],
+            repeat=True,
+            help="gateway ZeroMQ address (repeatable; DNS names follow all addresses)",
+        )
         config.add(g, "--worker-id", default=None, help="stable worker identity")
-        config.add(g, "--heartbeat-interval", default=1.0, type=float,
-                   help="seconds between heartbeats")
-        config.add(g, "--drain-timeout", default=30.0, type=float,
-                   help="seconds in-flight work gets to finish on SIGTERM")
+        config.add(
+            g, "--heartbeat-interval", default=1.0, type=float, help="seconds between heartbeats"
+        )
+        config.add(
+            g,
+            "--drain-timeout",
+            default=30.0,
+            type=float,
+            help="seconds in-flight work gets to finish on SIGTERM",
+        )
         config.add(g, "--log-level", default="info", help="log level")
-        config.add(g, "--log-format", default="text", choices=["text", "json"],
-                   help="log format")
-        config.add(g, "--zmq-curve-dir", default=None,
-                   help="CURVE key directory: this worker's worker.key_secret and the "
-                        "gateway's gateway.key (`vdiff keys generate DIR`)")
+        config.add(g, "--log-format", default="text", choices=["text", "json"], help="log format")
+        config.add(
+            g,
+            "--zmq-curve-dir",
+            default=None,
+            help="CURVE key directory: this worker's worker.key_secret and the "
+            "gateway's gateway.key (`vdiff keys generate DIR`)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +270,11 @@ def check_decoding_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--apd-max-parallel must be at least 1, not {args.apd_max_parallel}")
     if apd_enabled(args) and args.apd_verifier is None:
         if Path(args.model).resolve() != MODEL_DIR:
-            raise ValueError("--enable-apd needs --apd-verifier DIR: an autoregressive "
-                             "checkpoint that shares the model's tokenizer (only the built-in "
-                             "vdiff-tiny has a default verifier)")
+            raise ValueError(
+                "--enable-apd needs --apd-verifier DIR: an autoregressive "
+                "checkpoint that shares the model's tokenizer (only the built-in "
+                "vdiff-tiny has a default verifier)"
+            )
         args.apd_verifier = str(VERIFIER_DIR)
     if not apd_enabled(args) and args.apd_verifier is not None:
         raise ValueError("--apd-verifier is used only with --enable-apd")
@@ -161,18 +293,27 @@ def load_verifier(args: argparse.Namespace, loaded: LoadedModel) -> nn.Module | 
     if not apd_enabled(args):
         return None
     if loaded.kind not in ("dream", "llada"):
-        raise ValueError(f"APD drafts with a LLaDA or Dream model; {args.model} is a "
-                         f"{loaded.kind} checkpoint")
-    verifier = load_model(args.apd_verifier, dtype=args.dtype, device=str(loaded.device),
-                          trust_remote_code=args.trust_remote_code,
-                          download_dir=args.download_dir)
+        raise ValueError(
+            f"APD drafts with a LLaDA or Dream model; {args.model} is a {loaded.kind} checkpoint"
+        )
+    verifier = load_model(
+        args.apd_verifier,
+        dtype=args.dtype,
+        device=str(loaded.device),
+        trust_remote_code=args.trust_remote_code,
+        download_dir=args.download_dir,
+    )
     if verifier.kind != "ar":
-        raise ValueError(f"--apd-verifier {args.apd_verifier} is a {verifier.kind} checkpoint; "
-                         "APD needs an autoregressive (causal LM) one")
+        raise ValueError(
+            f"--apd-verifier {args.apd_verifier} is a {verifier.kind} checkpoint; "
+            "APD needs an autoregressive (causal LM) one"
+        )
     probe = "APD checks a draft token by token: 12 + 30 = 42.\n"
     if verifier.tokenizer.encode(probe) != loaded.tokenizer.encode(probe):
-        raise ValueError(f"--apd-verifier {args.apd_verifier} tokenizes differently from "
-                         f"{args.model}; APD needs a shared vocabulary")
+        raise ValueError(
+            f"--apd-verifier {args.apd_verifier} tokenizes differently from "
+            f"{args.model}; APD needs a shared vocabulary"
+        )
     return verifier.model
 
 
@@ -192,20 +333,33 @@ async def serve(args: argparse.Namespace) -> int:
     try:
         check_decoding_flags(args)
         opts = accel.Options.from_flags(
-            compile=args.compile, compile_mode=args.compile_mode, attention=args.attention,
-            flash_attention=args.flash_attention, quantization=args.quantization)
+            compile=args.compile,
+            compile_mode=args.compile_mode,
+            attention=args.attention,
+            flash_attention=args.flash_attention,
+            quantization=args.quantization,
+        )
         dtype = accel.load_dtype(args.dtype, opts)
-        accel.check(opts, torch.device(_device(args.device)),
-                    None if dtype == "auto" else getattr(torch, dtype))
+        accel.check(
+            opts,
+            torch.device(_device(args.device)),
+            None if dtype == "auto" else getattr(torch, dtype),
+        )
         keys = curve.client_keys(args.zmq_curve_dir) if args.zmq_curve_dir else None
     except ValueError as err:
         logger.error("{}", err)
         return 2
     try:
-        loaded = load_model(args.model, dtype=dtype, device=_device(args.device),
-                            tokenizer_path=args.tokenizer, chat_template=args.chat_template,
-                            trust_remote_code=args.trust_remote_code, revision=args.revision,
-                            download_dir=args.download_dir)
+        loaded = load_model(
+            args.model,
+            dtype=dtype,
+            device=_device(args.device),
+            tokenizer_path=args.tokenizer,
+            chat_template=args.chat_template,
+            trust_remote_code=args.trust_remote_code,
+            revision=args.revision,
+            download_dir=args.download_dir,
+        )
     except CheckpointError as err:
         logger.error("cannot load model: {}", err)
         return 2
@@ -223,24 +377,39 @@ async def serve(args: argparse.Namespace) -> int:
         logger.error("{}", err)
         return 2
     name = args.served_model_name or loaded.name
-    defaults = Defaults(max_tokens=args.max_tokens, diffusion_steps=args.diffusion_steps,
-                        block_length=args.block_size,
-                        decoding=args.decoding or ("reference" if args.disable_apd else None),
-                        threshold=args.apd_threshold, max_parallel=args.apd_max_parallel)
+    defaults = Defaults(
+        max_tokens=args.max_tokens,
+        diffusion_steps=args.diffusion_steps,
+        block_length=args.block_size,
+        decoding=args.decoding or ("reference" if args.disable_apd else None),
+        threshold=args.apd_threshold,
+        max_parallel=args.apd_max_parallel,
+    )
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     metrics = WorkerMetrics(name, worker_id, loaded.device)
     metrics.memory()
     if args.metrics_port is not None:
         serve_metrics(args.metrics_port, args.metrics_host)
     service: WorkerService
-    engine = Engine(loaded, defaults, lambda m: service.emit(m), metrics=metrics,
-                    max_num_seqs=args.max_num_seqs, request_timeout=args.request_timeout,
-                    max_queue_size=args.max_queue_size, verifier=verifier,
-                    shape_buckets=accel.bucket_shapes(opts, loaded.device))
-    service = WorkerService(engine, list(args.gateway), worker_id,
-                            ModelInfo(name=name, max_model_len=loaded.max_model_len,
-                                      kind=loaded.kind),
-                            heartbeat_s=args.heartbeat_interval, curve=keys)
+    engine = Engine(
+        loaded,
+        defaults,
+        lambda m: service.emit(m),
+        metrics=metrics,
+        max_num_seqs=args.max_num_seqs,
+        request_timeout=args.request_timeout,
+        max_queue_size=args.max_queue_size,
+        verifier=verifier,
+        shape_buckets=accel.bucket_shapes(opts, loaded.device),
+    )
+    service = WorkerService(
+        engine,
+        list(args.gateway),
+        worker_id,
+        ModelInfo(name=name, max_model_len=loaded.max_model_len, kind=loaded.kind),
+        heartbeat_s=args.heartbeat_interval,
+        curve=keys,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,10 +30,18 @@ Emit = Callable[[Message], None]
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, defaults: Defaults, emit: Emit,
-                 max_num_seqs: int = 16, request_timeout: float | None = None,
-                 verifier: torch.nn.Module | None = None, max_queue_size: int = 256,
-                 metrics: WorkerMetrics | None = None, shape_buckets: bool = False) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        defaults: Defaults,
+        emit: Emit,
+        max_num_seqs: int = 16,
+        request_timeout: float | None = None,
+        verifier: torch.nn.Module | None = None,
+        max_queue_size: int = 256,
+        metrics: WorkerMetrics | None = None,
+        shape_buckets: bool = False,
+    ) -> None:
         self.loaded = loaded
         models = {"main": loaded.model}
         if verifier is not None:
@@ -44,8 +52,13 @@ class Engine:
         self.stats = StepStats()
         self.metrics = metrics or WorkerMetrics(loaded.name, "local")
         self.admission = Admission(loaded, defaults, frozenset(models), request_timeout)
-        self.runner = Runner(models, slots=max_num_seqs, max_len=loaded.max_model_len,
-                             metrics=self.metrics, shape_buckets=shape_buckets)
+        self.runner = Runner(
+            models,
+            slots=max_num_seqs,
+            max_len=loaded.max_model_len,
+            metrics=self.metrics,
+            shape_buckets=shape_buckets,
+        )
         self.inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -72,12 +85,17 @@ class Engine:
     def load(self) -> Load:
         running, waiting = len(self.running), len(self.waiting)
         st = self.stats
-        return Load(running=running, waiting=waiting,
-                    free_slots=max(0, self.max_num_seqs - running - waiting),
-                    steps_per_s=round(st.steps_per_s(), 3),
-                    tokens_per_forward=round(st.tokens_per_forward(), 3),
-                    batch_mean=round(st.batch_mean(), 3), batch_max=st.batch_max(),
-                    model_calls=self.runner.calls, model_rows=self.runner.rows)
+        return Load(
+            running=running,
+            waiting=waiting,
+            free_slots=max(0, self.max_num_seqs - running - waiting),
+            steps_per_s=round(st.steps_per_s(), 3),
+            tokens_per_forward=round(st.tokens_per_forward(), 3),
+            batch_mean=round(st.batch_mean(), 3),
+            batch_max=st.batch_max(),
+            model_calls=self.runner.calls,
+            model_rows=self.runner.rows,
+        )
 
     @property
     def idle(self) -> bool:
@@ -126,8 +144,9 @@ class Engine:
             self.emit(Error(rid, 400, str(err), err.param))
             return
         except (ValueError, jinja2.TemplateError) as err:  # the chat template refuses the input
-            self.emit(Error(rid, 400, str(err),
-                            "messages" if job.messages is not None else "prompt"))
+            self.emit(
+                Error(rid, 400, str(err), "messages" if job.messages is not None else "prompt")
+            )
             return
         except Exception as err:  # noqa: BLE001 - one bad job must not stop the engine
             logger.exception("request {} could not start", rid)
@@ -165,8 +184,9 @@ class Engine:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for seq in [s for s in (*self.running, *self.waiting)
-                    if s.deadline is not None and now > s.deadline]:
+        for seq in [
+            s for s in (*self.running, *self.waiting) if s.deadline is not None and now > s.deadline
+        ]:
             self._drop(seq.request_id)
             self.emit(Error(seq.request_id, 408, "request timed out"))
 
@@ -174,8 +194,9 @@ class Engine:
     def step(self) -> None:
         active = self._due([s for s in self.running if s.pending is not None])
         before = [s.committed() for s in active]
-        calls = [Call(s.pending, s.slots.get(s.pending.model)) for s in active
-                 if s.pending is not None]
+        calls = [
+            Call(s.pending, s.slots.get(s.pending.model)) for s in active if s.pending is not None
+        ]
         for seq, out in zip(active, self.runner.run(calls)):
             seq.advance(out)
         self._postprocess(active, before, calls)
@@ -222,22 +243,28 @@ class Engine:
 
     def _isolate(self, err: Exception) -> None:
         """A batched step failed: step each sequence alone; those that still fail end alone."""
-        logger.warning("batched step failed ({}); retrying {} sequences one by one",
-                       err, len(self.running))
+        logger.warning(
+            "batched step failed ({}); retrying {} sequences one by one", err, len(self.running)
+        )
         for seq in list(self.running):
             if seq.pending is None:
                 continue
             try:
-                seq.advance(self.runner.run([Call(seq.pending,
-                                                  seq.slots.get(seq.pending.model))])[0])
+                seq.advance(
+                    self.runner.run([Call(seq.pending, seq.slots.get(seq.pending.model))])[0]
+                )
             except torch.OutOfMemoryError:
                 logger.error("request {} does not fit in memory even alone", seq.request_id)
                 self._drop(seq.request_id)
-                self.emit(Error(
-                    seq.request_id, 503, "out of memory: this request does not fit on the "
-                    "worker even alone; use a shorter prompt or a smaller max_tokens"))
+                self.emit(
+                    Error(
+                        seq.request_id,
+                        503,
+                        "out of memory: this request does not fit on the "
+                        "worker even alone; use a shorter prompt or a smaller max_tokens",
+                    )
+                )
             except Exception as alone:  # noqa: BLE001
                 logger.exception("request {} failed", seq.request_id)
                 self._drop(seq.request_id)
-                self.emit(Error(seq.request_id, 500,
-                                f"generation failed: {type(alone).__name__}"))
+                self.emit(Error(seq.request_id, 500, f"generation failed: {type(alone).__name__}"))

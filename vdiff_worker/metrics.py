@@ -21,21 +21,39 @@ REGISTRY = CollectorRegistry()
 
 QUEUE = Gauge("vdiff_queue_size", "Sequences waiting for a slot", _LABELS, registry=REGISTRY)
 ACTIVE = Gauge("vdiff_active_requests", "Sequences being decoded", _LABELS, registry=REGISTRY)
-FORWARDS = Counter("vdiff_forward_passes", "Model forward passes (rows)", _LABELS,
-                   registry=REGISTRY)
-PARALLEL = Counter("vdiff_parallel_tokens_decoded", "Tokens committed by the samplers",
-                   _LABELS, registry=REGISTRY)
-TOKENS_PER_FORWARD = Histogram("vdiff_tokens_per_forward",
-                               "Tokens one sequence committed in one forward pass", _LABELS,
-                               buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=REGISTRY)
-BATCH = Histogram("vdiff_batch_size", "Rows in one engine step", _LABELS,
-                  buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY)
-CALL_ROWS = Histogram("vdiff_model_call_rows", "Rows (sequences) one model call carried",
-                      _LABELS, buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY)
-GPU_MEMORY = Gauge("vdiff_gpu_memory_used_bytes", "Device memory in use", _LABELS,
-                   registry=REGISTRY)
-HOST_MEMORY = Gauge("vdiff_host_memory_peak_bytes", "Peak resident host memory", _LABELS,
-                    registry=REGISTRY)
+FORWARDS = Counter(
+    "vdiff_forward_passes", "Model forward passes (rows)", _LABELS, registry=REGISTRY
+)
+PARALLEL = Counter(
+    "vdiff_parallel_tokens_decoded", "Tokens committed by the samplers", _LABELS, registry=REGISTRY
+)
+TOKENS_PER_FORWARD = Histogram(
+    "vdiff_tokens_per_forward",
+    "Tokens one sequence committed in one forward pass",
+    _LABELS,
+    buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+    registry=REGISTRY,
+)
+BATCH = Histogram(
+    "vdiff_batch_size",
+    "Rows in one engine step",
+    _LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
+)
+CALL_ROWS = Histogram(
+    "vdiff_model_call_rows",
+    "Rows (sequences) one model call carried",
+    _LABELS,
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    registry=REGISTRY,
+)
+GPU_MEMORY = Gauge(
+    "vdiff_gpu_memory_used_bytes", "Device memory in use", _LABELS, registry=REGISTRY
+)
+HOST_MEMORY = Gauge(
+    "vdiff_host_memory_peak_bytes", "Peak resident host memory", _LABELS, registry=REGISTRY
+)
 ProcessCollector(registry=REGISTRY)
 
 

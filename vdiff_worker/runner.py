@@ -44,8 +44,14 @@ class Call:
 
 
 class Runner:
-    def __init__(self, models: dict[str, nn.Module], slots: int, max_len: int,
-                 metrics: WorkerMetrics, shape_buckets: bool = False) -> None:
+    def __init__(
+        self,
+        models: dict[str, nn.Module],
+        slots: int,
+        max_len: int,
+        metrics: WorkerMetrics,
+        shape_buckets: bool = False,
+    ) -> None:
         self.models = models
         self.slots = slots
         self.max_len = max_len
@@ -69,15 +75,28 @@ class Runner:
             # Keys come out in the activations' dtype, the float parameters' one.
             weight = next(p for p in module.parameters() if p.is_floating_point())
             try:
-                store = SlotStore(shape.layers, self.slots, shape.kv_heads, self.max_len,
-                                  shape.head_dim, weight.dtype, weight.device)
+                store = SlotStore(
+                    shape.layers,
+                    self.slots,
+                    shape.kv_heads,
+                    self.max_len,
+                    shape.head_dim,
+                    weight.dtype,
+                    weight.device,
+                )
             # A device says OutOfMemoryError; a host allocator that cannot, RuntimeError.
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 raise CacheMemoryError(
                     f"cannot allocate the KV cache of {self.slots} sequences x {self.max_len} "
-                    f"positions for the {model} model; lower --max-num-seqs") from err
-            logger.info("{} KV cache: {} slots x {} positions, {:.1f} MiB", model, self.slots,
-                        self.max_len, store.nbytes / 2**20)
+                    f"positions for the {model} model; lower --max-num-seqs"
+                ) from err
+            logger.info(
+                "{} KV cache: {} slots x {} positions, {:.1f} MiB",
+                model,
+                self.slots,
+                self.max_len,
+                store.nbytes / 2**20,
+            )
             self.stores[model] = store
         return self.stores[model]
 
@@ -100,8 +119,11 @@ class Runner:
             f = c.forward
             groups.setdefault((f.model, f.cached is not None, bool(f.new_tokens)), []).append(i)
         for (_, _, own_generate), members in groups.items():
-            parts = [[i] for i in members] if own_generate else \
-                _by_width([calls[i] for i in members], members)
+            parts = (
+                [[i] for i in members]
+                if own_generate
+                else _by_width([calls[i] for i in members], members)
+            )
             for part in parts:
                 for i, out in zip(part, self._batched([calls[i] for i in part])):
                     results[i] = out
@@ -136,7 +158,7 @@ class Runner:
             self._guard(*first.input_ids.shape)
             out = model.generate(first.input_ids, max_new_tokens=first.new_tokens)
             self._count(int(first.input_ids.shape[0]))
-            tokens = out.sequences[:, first.input_ids.shape[1]:]
+            tokens = out.sequences[:, first.input_ids.shape[1] :]
             return [ModelOutput(logits=tokens.new_empty(0), tokens=tokens)]
         width = max(int(c.forward.input_ids.shape[1]) for c in calls)
         rows_in = sum(int(c.forward.input_ids.shape[0]) for c in calls)
@@ -171,15 +193,20 @@ class Runner:
             cache = self._slots(calls, real)
         elif bool((real < width).any()):
             key_mask = torch.arange(width, device=device)[None, :] < real[:, None]
-        out = model(torch.cat(ids), position_ids=torch.cat(pos), key_mask=key_mask, cache=cache,
-                    heads=torch.cat(heads))
+        out = model(
+            torch.cat(ids),
+            position_ids=torch.cat(pos),
+            key_mask=key_mask,
+            cache=cache,
+            heads=torch.cat(heads),
+        )
         self._count(rows_in + filler)
         results, at = [], 0
         for c in calls:
             rows = int(c.forward.input_ids.shape[0])
             lo, hi = c.forward.span
             n = rows * (hi - lo)
-            logits = out.logits[at:at + n].view(rows, hi - lo, out.logits.shape[-1])
+            logits = out.logits[at : at + n].view(rows, hi - lo, out.logits.shape[-1])
             results.append(ModelOutput(logits=logits))
             at += n
         return results
@@ -195,9 +222,13 @@ class Runner:
             write.append(c.forward.cached.write)
             keys.append(c.forward.cached.keys)
         device = lengths.device
-        return SlotBatch(store, torch.tensor(slots, device=device),
-                         torch.tensor(write, device=device), lengths,
-                         torch.tensor(keys, device=device))
+        return SlotBatch(
+            store,
+            torch.tensor(slots, device=device),
+            torch.tensor(write, device=device),
+            lengths,
+            torch.tensor(keys, device=device),
+        )
 
 
 def _by_width(calls: list[Call], index: list[int]) -> list[list[int]]:

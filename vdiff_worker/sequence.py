@@ -98,7 +98,7 @@ class Sequence:
             while cut > len(self.text_sent) and text[cut - 1] == "\ufffd":
                 cut -= 1
             text = text[: max(cut, len(self.text_sent))]
-        delta = text[len(self.text_sent):] if text.startswith(self.text_sent) else ""
+        delta = text[len(self.text_sent) :] if text.startswith(self.text_sent) else ""
         self.text_sent += delta
         self.unsent_text += delta
         self.unsent_ids += new
@@ -118,9 +118,14 @@ class Sequence:
     def result(self, finish_reason: str | None = None) -> Done:
         """The end of this choice, carrying whatever no Chunk did."""
         text, ids = self.take()
-        return Done(request_id=self.request_id, index=self.index,
-                    finish_reason=finish_reason or self.finish_reason or "length",
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=len(self.tokens) + int(self.stopped_by_token),
-                    forward_passes=self.forward_passes,
-                    worker_s=time.perf_counter() - self.arrived, text=text, token_ids=ids)
+        return Done(
+            request_id=self.request_id,
+            index=self.index,
+            finish_reason=finish_reason or self.finish_reason or "length",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=len(self.tokens) + int(self.stopped_by_token),
+            forward_passes=self.forward_passes,
+            worker_s=time.perf_counter() - self.arrived,
+            text=text,
+            token_ids=ids,
+        )

@@ -50,14 +50,20 @@ def resolve(address: str) -> list[str]:
         logger.warning("cannot resolve gateway {}: {}", address, err)
         return []
     hosts = sorted({str(i[4][0]) for i in infos})
-    return [f"tcp://[{h}]:{parts.port}" if ":" in h else f"tcp://{h}:{parts.port}"
-            for h in hosts]
+    return [f"tcp://[{h}]:{parts.port}" if ":" in h else f"tcp://{h}:{parts.port}" for h in hosts]
 
 
 class WorkerService:
-    def __init__(self, engine: Engine, gateways: list[str], worker_id: str,
-                 model: ModelInfo, heartbeat_s: float = 1.0, resolve_s: float = 10.0,
-                 curve: Keys | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        gateways: list[str],
+        worker_id: str,
+        model: ModelInfo,
+        heartbeat_s: float = 1.0,
+        resolve_s: float = 10.0,
+        curve: Keys | None = None,
+    ) -> None:
         self.engine = engine
         self.curve = curve  # CURVE client keys for every gateway link
         self.gateways = gateways
@@ -99,8 +105,10 @@ class WorkerService:
     async def run(self, stop: asyncio.Event, drain_timeout: float) -> None:
         self.loop = asyncio.get_running_loop()
         self._refresh_links()
-        self._tasks = [asyncio.create_task(self._heartbeat_loop()),
-                       asyncio.create_task(self._resolve_loop())]
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self._resolve_loop()),
+        ]
         await stop.wait()
         await self.drain(drain_timeout)
 
@@ -135,10 +143,16 @@ class WorkerService:
                 logger.info("worker {} connecting to gateway {}", self.worker_id, address)
 
     def _register(self, link: Link) -> None:
-        self._send(link, Register(version=protocol.PROTOCOL_VERSION, worker_id=self.worker_id,
-                                  models=[self.model],
-                                  capacity=self.engine.max_num_seqs + self.engine.max_queue_size,
-                                  load=self.engine.load()))
+        self._send(
+            link,
+            Register(
+                version=protocol.PROTOCOL_VERSION,
+                worker_id=self.worker_id,
+                models=[self.model],
+                capacity=self.engine.max_num_seqs + self.engine.max_queue_size,
+                load=self.engine.load(),
+            ),
+        )
 
     # ---- receiving and loops -----------------------------------------------------------------
     def _on_frames(self, index: int, frames: list[bytes]) -> None:
@@ -147,8 +161,9 @@ class WorkerService:
             self._on_message(index, link, payload)
 
     def _on_message(self, index: int, link: Link, payload: bytes) -> None:
-        msg = transport.try_decode(payload, link.address.encode(), self.frames,
-                                   protocol.decode_for_worker)
+        msg = transport.try_decode(
+            payload, link.address.encode(), self.frames, protocol.decode_for_worker
+        )
         if msg is None:
             return
         link.last_heard = time.monotonic()
@@ -172,15 +187,23 @@ class WorkerService:
             if msg.tokens is not None:
                 bad = [t for t in msg.tokens if not 0 <= t < tok.vocab_size]
                 if bad:
-                    return Error(rid, 400, f"token id {bad[0]} is outside the vocabulary "
-                                           f"(size {tok.vocab_size})", "tokens")
+                    return Error(
+                        rid,
+                        400,
+                        f"token id {bad[0]} is outside the vocabulary (size {tok.vocab_size})",
+                        "tokens",
+                    )
                 return Tokens(rid, text=tok.decode(msg.tokens, skip_special_tokens=False))
             if msg.messages is not None:
                 return Tokens(rid, tokens=tok.apply_chat_template(msg.messages))
             return Tokens(rid, tokens=tok.encode(msg.prompt or ""))
         except Exception as err:  # noqa: BLE001 - a bad prompt or template must not end the loop
-            return Error(rid, 400, f"cannot tokenize: {err}",
-                         "messages" if msg.messages is not None else "prompt")
+            return Error(
+                rid,
+                400,
+                f"cannot tokenize: {err}",
+                "messages" if msg.messages is not None else "prompt",
+            )
 
     def _welcome(self, link: Link, msg: Welcome) -> None:
         if msg.accepted:
@@ -201,8 +224,7 @@ class WorkerService:
                     link.registered = False
                     self._register(link)
                 else:
-                    self._send(link, Heartbeat(sender_id=self.worker_id,
-                                               load=self.engine.load()))
+                    self._send(link, Heartbeat(sender_id=self.worker_id, load=self.engine.load()))
 
     async def _resolve_loop(self) -> None:
         while True:

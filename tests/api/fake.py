@@ -28,8 +28,18 @@ def echo(msg: Generate) -> list[Result]:
         if msg.stream:
             out.append(Chunk(msg.request_id, i, text, ids))
             text, ids = "", []
-        out.append(Done(msg.request_id, i, "stop", prompt_tokens=3, completion_tokens=1,
-                        forward_passes=2, text=text, token_ids=ids))
+        out.append(
+            Done(
+                msg.request_id,
+                i,
+                "stop",
+                prompt_tokens=3,
+                completion_tokens=1,
+                forward_passes=2,
+                text=text,
+                token_ids=ids,
+            )
+        )
     return out
 
 
@@ -65,13 +75,28 @@ class FakeBackend:
 
     def snapshot(self) -> Snapshot:
         names = sorted(m.name for m in self.models)
-        workers = [WorkerState(id="w0", models=names, draining=False, capacity=4,
-                               inflight=len(self.jobs) - len(self.aborted),
-                               load=Load(running=1, waiting=2))] if self.models else []
+        workers = (
+            [
+                WorkerState(
+                    id="w0",
+                    models=names,
+                    draining=False,
+                    capacity=4,
+                    inflight=len(self.jobs) - len(self.aborted),
+                    load=Load(running=1, waiting=2),
+                )
+            ]
+            if self.models
+            else []
+        )
         return Snapshot(models={m.name: m for m in self.models}, workers=workers)
 
-    def dispatch(self, msg: Generate, trace: Trace, deliver: Callable[[Result], None],
-                 ) -> str:
+    def dispatch(
+        self,
+        msg: Generate,
+        trace: Trace,
+        deliver: Callable[[Result], None],
+    ) -> str:
         if self.full is not None:
             raise self.full
         self.jobs.append(msg)

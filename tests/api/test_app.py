@@ -72,8 +72,16 @@ def test_health_ready_and_stats_read_the_snapshot(client: TestClient) -> None:
     assert client.get("/health/ready").json() == {"ready": True}
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["active_requests"] == 0
-    assert health["workers"] == [{"id": "w0", "models": ["tiny"], "draining": False,
-                                  "running": 1, "waiting": 2, "inflight": 0}]
+    assert health["workers"] == [
+        {
+            "id": "w0",
+            "models": ["tiny"],
+            "draining": False,
+            "running": 1,
+            "waiting": 2,
+            "inflight": 0,
+        }
+    ]
     stats = client.get("/v1/engine/stats").json()["workers"][0]
     assert stats["capacity"] == 4 and stats["batch_size"] == {"mean": 0.0, "max": 0}
 
@@ -88,8 +96,14 @@ def test_not_ready_without_an_expected_model(backend: FakeBackend) -> None:
 
 
 def test_models_list_and_retrieve(client: TestClient) -> None:
-    card = {"id": "tiny", "object": "model", "created": 0, "owned_by": "vdiff",
-            "root": "tiny", "max_model_len": 64}
+    card = {
+        "id": "tiny",
+        "object": "model",
+        "created": 0,
+        "owned_by": "vdiff",
+        "root": "tiny",
+        "max_model_len": 64,
+    }
     assert client.get("/v1/models").json() == {"object": "list", "data": [card]}
     assert client.get("/v1/models/tiny").json() == card
     message = _error(client.get("/v1/models/org%2Fnope"), 404, "model")
@@ -98,10 +112,12 @@ def test_models_list_and_retrieve(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize("status", [400, 404, 503])
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize",
-                                  "/v1/models/tiny"])
-def test_resolve_refusals_answer_in_openai_shape(backend: FakeBackend, client: TestClient,
-                                                 path: str, status: int) -> None:
+@pytest.mark.parametrize(
+    "path", ["/v1/completions", "/v1/chat/completions", "/tokenize", "/v1/models/tiny"]
+)
+def test_resolve_refusals_answer_in_openai_shape(
+    backend: FakeBackend, client: TestClient, path: str, status: int
+) -> None:
     backend.refusal = NoWorker(status, "refused for the test")
     body = {"model": "tiny", "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}
     body.pop("prompt" if "chat" in path else "messages")
@@ -111,17 +127,26 @@ def test_resolve_refusals_answer_in_openai_shape(backend: FakeBackend, client: T
     assert not backend.jobs
 
 
-def test_completion_is_collected_and_its_job_released(backend: FakeBackend,
-                                                      client: TestClient) -> None:
-    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "n": 2,
-                                             "max_tokens": 8, "return_token_ids": True})
+def test_completion_is_collected_and_its_job_released(
+    backend: FakeBackend, client: TestClient
+) -> None:
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "hi", "n": 2, "max_tokens": 8, "return_token_ids": True},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"] == "cmpl-" + r.headers["x-request-id"]
     assert [(c["text"], c["token_ids"], c["finish_reason"]) for c in body["choices"]] == [
-        ("<0>", [100], "stop"), ("<1>", [101], "stop")]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5,
-                             "forward_passes": 4}
+        ("<0>", [100], "stop"),
+        ("<1>", [101], "stop"),
+    ]
+    assert body["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+        "forward_passes": 4,
+    }
     [job] = backend.jobs
     assert not job.stream and job.n == 2 and job.params.max_tokens == 8
     assert backend.aborted == [job.request_id]  # abort() is how a finished job is let go
@@ -129,8 +154,12 @@ def test_completion_is_collected_and_its_job_released(backend: FakeBackend,
 
 
 def test_chat_stream_is_framed_as_sse(backend: FakeBackend, client: TestClient) -> None:
-    body = {"model": "tiny", "messages": [{"role": "developer", "content": "be brief"}],
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "developer", "content": "be brief"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -138,16 +167,20 @@ def test_chat_stream_is_framed_as_sse(backend: FakeBackend, client: TestClient) 
     assert backend.jobs[0].messages == [{"role": "system", "content": "be brief"}]
     events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
     assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
-        {"role": "assistant", "content": ""}, {"content": "<0>"}, {}]
+        {"role": "assistant", "content": ""},
+        {"content": "<0>"},
+        {},
+    ]
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 1
 
 
-def test_worker_error_and_full_backend_are_openai_errors(backend: FakeBackend,
-                                                         client: TestClient) -> None:
+def test_worker_error_and_full_backend_are_openai_errors(
+    backend: FakeBackend, client: TestClient
+) -> None:
     def too_long(msg: Generate) -> list[Result]:
         return [Error(msg.request_id, 400, "the prompt is too long", "prompt")]
 
@@ -171,12 +204,15 @@ def test_bad_bodies_name_the_field(client: TestClient) -> None:
     assert _error(r, 400, "prompt") == "give exactly one of 'prompt' and 'messages'"
 
 
-def test_tokenize_and_detokenize_go_through_call(backend: FakeBackend,
-                                                 client: TestClient) -> None:
+def test_tokenize_and_detokenize_go_through_call(backend: FakeBackend, client: TestClient) -> None:
     assert client.post("/tokenize", json={"prompt": "hi"}).json() == {
-        "count": 3, "max_model_len": 64, "tokens": [1, 2, 3]}
+        "count": 3,
+        "max_model_len": 64,
+        "tokens": [1, 2, 3],
+    }
     assert client.post("/detokenize", json={"model": "tiny", "tokens": [7, 8]}).json() == {
-        "prompt": "7 8"}
+        "prompt": "7 8"
+    }
     assert [c.model for c in backend.calls] == ["tiny", "tiny"]
 
 

@@ -22,13 +22,24 @@ def dispatcher() -> Iterator[Dispatcher]:
     d._ctx.term()
 
 
-def _add(d: Dispatcher, worker_id: str, *models: str, draining: bool = False,
-         silent: bool = False, capacity: int = 2) -> Worker:
+def _add(
+    d: Dispatcher,
+    worker_id: str,
+    *models: str,
+    draining: bool = False,
+    silent: bool = False,
+    capacity: int = 2,
+) -> Worker:
     """A registered worker, as _register would record it (no Welcome sent)."""
-    w = Worker(identity=worker_id.encode(), worker_id=worker_id,
-               models={m: ModelInfo(m, 64) for m in models}, capacity=capacity,
-               load=Load(running=1), last_seen=time.monotonic() - (10.0 if silent else 0.0),
-               draining=draining)
+    w = Worker(
+        identity=worker_id.encode(),
+        worker_id=worker_id,
+        models={m: ModelInfo(m, 64) for m in models},
+        capacity=capacity,
+        load=Load(running=1),
+        last_seen=time.monotonic() - (10.0 if silent else 0.0),
+        draining=draining,
+    )
     d.workers[w.identity] = w
     d.seen_models.update(models)
     return w
@@ -59,8 +70,7 @@ def test_a_model_whose_workers_left_is_503_not_404(dispatcher: Dispatcher) -> No
     _add(dispatcher, "w2", "b", silent=True)
     _add(dispatcher, "w3", "c")
     for gone in ("a", "b"):
-        assert _refusal(dispatcher, gone) == (
-            503, f"no worker serving model '{gone}' is available")
+        assert _refusal(dispatcher, gone) == (503, f"no worker serving model '{gone}' is available")
     assert _refusal(dispatcher, "z")[0] == 404
     dispatcher.workers.pop(b"w3")
     assert _refusal(dispatcher, "z")[0] == 503  # no routable worker: it may be on its way
@@ -88,18 +98,24 @@ def test_snapshot_copies_what_health_and_stats_show(dispatcher: Dispatcher) -> N
     state = dispatcher.snapshot()
     assert state.models == {"a": ModelInfo("a", 64), "b": ModelInfo("b", 64)}  # routable
     assert state.workers == [
-        WorkerState(id="w1", models=["a", "b"], draining=False, capacity=2, inflight=2,
-                    load=Load(running=1)),
-        WorkerState(id="w2", models=["c"], draining=True, capacity=2, inflight=0,
-                    load=Load(running=1))]
+        WorkerState(
+            id="w1", models=["a", "b"], draining=False, capacity=2, inflight=2, load=Load(running=1)
+        ),
+        WorkerState(
+            id="w2", models=["c"], draining=True, capacity=2, inflight=0, load=Load(running=1)
+        ),
+    ]
     busy.inflight.clear()
     assert state.workers[0].inflight == 2  # a copy, not a view
 
 
 def test_a_frame_meant_for_a_worker_is_counted_and_dropped(dispatcher: Dispatcher) -> None:
     _add(dispatcher, "w1", "a")
-    for msg in (Generate(request_id="r", model="a", prompt="hi"), Abort(request_id="r"),
-                Welcome(gateway_id="g", accepted=True)):
+    for msg in (
+        Generate(request_id="r", model="a", prompt="hi"),
+        Abort(request_id="r"),
+        Welcome(gateway_id="g", accepted=True),
+    ):
         dispatcher._on_frames([b"w1", protocol.encode(msg)])
     assert dispatcher.frames.rejected == 3
     assert not dispatcher.jobs and list(dispatcher.workers) == [b"w1"]

@@ -54,9 +54,11 @@ def test_both_limits_report_both_triples_and_a_refusal_takes_nothing() -> None:
     refused = rl.admit("a")
     assert refused.refused == "tokens"
     assert refused.headers["x-ratelimit-remaining-requests"] == "10"  # not taken
-    assert set(refused.headers) == {f"x-ratelimit-{w}-{k}" for w in ("limit", "remaining",
-                                                                     "reset")
-                                    for k in ("requests", "tokens")}
+    assert set(refused.headers) == {
+        f"x-ratelimit-{w}-{k}"
+        for w in ("limit", "remaining", "reset")
+        for k in ("requests", "tokens")
+    }
 
 
 def test_off_by_default() -> None:
@@ -69,9 +71,14 @@ def test_duration_format() -> None:
 
 
 def _policy(*trusted: str) -> Policy:
-    args = argparse.Namespace(api_key=[], api_key_file=[], protect_metrics=False,
-                              rate_limit_requests=0, rate_limit_tokens=0,
-                              trusted_proxies=list(trusted))
+    args = argparse.Namespace(
+        api_key=[],
+        api_key_file=[],
+        protect_metrics=False,
+        rate_limit_requests=0,
+        rate_limit_tokens=0,
+        trusted_proxies=list(trusted),
+    )
     return Policy.from_args(args)
 
 

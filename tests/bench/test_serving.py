@@ -12,8 +12,21 @@ from tests.conftest import Server
 def test_serving_benchmark_streaming_and_not(llada_server: Server, tmp_path: Path) -> None:
     for stream in ("--stream", "--no-stream"):
         out = tmp_path / f"serving{stream}.json"
-        main(["--base-url", llada_server.base, "--num-prompts", "12", "--concurrency", "4",
-              "--max-tokens", "16", stream, "--output", str(out)])
+        main(
+            [
+                "--base-url",
+                llada_server.base,
+                "--num-prompts",
+                "12",
+                "--concurrency",
+                "4",
+                "--max-tokens",
+                "16",
+                stream,
+                "--output",
+                str(out),
+            ]
+        )
         report = json.loads(out.read_text())
         assert report["model"] == "llada-tiny"
         assert report["requests"] == 12 and report["errors"] == {}
@@ -28,7 +41,19 @@ def test_serving_benchmark_streaming_and_not(llada_server: Server, tmp_path: Pat
 
 def test_poisson_arrivals(llada_server: Server, tmp_path: Path) -> None:
     out = tmp_path / "poisson.json"
-    main(["--base-url", llada_server.base, "--num-prompts", "6", "--request-rate", "20",
-          "--max-tokens", "8", "--output", str(out)])
+    main(
+        [
+            "--base-url",
+            llada_server.base,
+            "--num-prompts",
+            "6",
+            "--request-rate",
+            "20",
+            "--max-tokens",
+            "8",
+            "--output",
+            str(out),
+        ]
+    )
     report = json.loads(out.read_text())
     assert report["mode"].startswith("poisson") and report["errors"] == {}

@@ -31,17 +31,24 @@ def test_answers_are_correct() -> None:
 
 
 FORMS = {
-    "add": r"What is \d+ \+ \d+\?", "sub": r"What is \d+ - \d+\?",
-    "sort": r"Sort the numbers:( \d+)+", "reverse": r"Reverse the words:( [a-z]+)+",
+    "add": r"What is \d+ \+ \d+\?",
+    "sub": r"What is \d+ - \d+\?",
+    "sort": r"Sort the numbers:( \d+)+",
+    "reverse": r"Reverse the words:( [a-z]+)+",
     "repeat": r"Repeat (twice|three times):( [a-z]+)+",
     "count": r"How many times does the letter [a-z] appear in:( [a-z])+\?",
-    "max": r"Which is the largest:( \d+)+\?", "capital": r"What is the capital of [A-Z][a-z]+\?",
+    "max": r"Which is the largest:( \d+)+\?",
+    "capital": r"What is the capital of [A-Z][a-z]+\?",
 }
 GOLDEN_PROMPTS = {
-    "add": "What is 347 + 58?", "sub": "What is 274 - 7?", "sort": "Sort the numbers: 6 3 57",
-    "reverse": "Reverse the words: red blue", "repeat": "Repeat twice: cherry",
+    "add": "What is 347 + 58?",
+    "sub": "What is 274 - 7?",
+    "sort": "Sort the numbers: 6 3 57",
+    "reverse": "Reverse the words: red blue",
+    "repeat": "Repeat twice: cherry",
     "count": "How many times does the letter i appear in: i i h i i?",
-    "max": "Which is the largest: 589 592 784?", "capital": "What is the capital of France?",
+    "max": "Which is the largest: 589 592 784?",
+    "capital": "What is the capital of France?",
 }
 
 

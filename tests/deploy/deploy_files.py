@@ -97,8 +97,10 @@ def _exec_form(path: Path, word: str, rest: str) -> list[str]:
     except json.JSONDecodeError:
         value = None
     if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise ValueError(f"{rel(path)}: {word} must use the exec form (a JSON list), "
-                         f"so that signals reach the server: {rest}")
+        raise ValueError(
+            f"{rel(path)}: {word} must use the exec form (a JSON list), "
+            f"so that signals reach the server: {rest}"
+        )
     return value
 
 
@@ -196,12 +198,20 @@ def invocations() -> list[Invocation]:
     by_path = {d.path: d for d in images.values()}
     found: list[Invocation] = []
 
-    def run(where: str, image: Dockerfile | None, command: list[str] | None,
-            args: list[str] | None, env: dict[str, str | None]) -> None:
+    def run(
+        where: str,
+        image: Dockerfile | None,
+        command: list[str] | None,
+        args: list[str] | None,
+        env: dict[str, str | None],
+    ) -> None:
         # As a container runtime does: a command replaces the ENTRYPOINT; args replace CMD.
         base = image.entrypoint if image else []
-        argv = list(command) if command else [*base, *(args if args is not None else
-                                                         (image.cmd if image else []))]
+        argv = (
+            list(command)
+            if command
+            else [*base, *(args if args is not None else (image.cmd if image else []))]
+        )
         if command and args:
             argv += args
         if not argv:
@@ -222,23 +232,36 @@ def invocations() -> list[Invocation]:
             image = images.get(image_name(c.get("image", "")))
             if doc["kind"] == "ServingRuntime" and c["name"] == "kserve-container":
                 runtimes[doc["metadata"]["name"]] = image
-            run(f"{rel(path)}: {describe(doc)} container {c['name']}", image,
-                c.get("command"), c.get("args"), _k8s_env(c))
+            run(
+                f"{rel(path)}: {describe(doc)} container {c['name']}",
+                image,
+                c.get("command"),
+                c.get("args"),
+                _k8s_env(c),
+            )
     for path, doc in resources():
         if doc.get("kind") != "InferenceService":
             continue
         model = doc["spec"]["predictor"].get("model", {})
         if model.get("args") or model.get("command") or model.get("env"):
             # KServe merges these into the runtime's kserve-container.
-            run(f"{rel(path)}: {describe(doc)} model", runtimes.get(model.get("runtime", "")),
-                model.get("command"), model.get("args"), _k8s_env(model))
+            run(
+                f"{rel(path)}: {describe(doc)} model",
+                runtimes.get(model.get("runtime", "")),
+                model.get("command"),
+                model.get("args"),
+                _k8s_env(model),
+            )
 
     variables = compose_env()
     compose = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     for name, service in compose["services"].items():
         build = service.get("build", {})
-        image = (by_path.get((COMPOSE.parent / build["context"] / build["dockerfile"]).resolve())
-                 if build else images.get(image_name(service.get("image", ""))))
+        image = (
+            by_path.get((COMPOSE.parent / build["context"] / build["dockerfile"]).resolve())
+            if build
+            else images.get(image_name(service.get("image", "")))
+        )
 
         def words(value: str | list[str] | None) -> list[str] | None:
             if value is None:
@@ -250,8 +273,13 @@ def invocations() -> list[Invocation]:
         if isinstance(environment, list):
             environment = dict(item.partition("=")[::2] for item in environment)
         env: dict[str, str | None] = {
-            k: None if v is None else interpolate(str(v), variables)
-            for k, v in environment.items()}
-        run(f"{rel(COMPOSE)}: service {name}", image, words(service.get("entrypoint")),
-            words(service.get("command")), env)
+            k: None if v is None else interpolate(str(v), variables) for k, v in environment.items()
+        }
+        run(
+            f"{rel(COMPOSE)}: service {name}",
+            image,
+            words(service.get("entrypoint")),
+            words(service.get("command")),
+            env,
+        )
     return found

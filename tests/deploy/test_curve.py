@@ -18,10 +18,14 @@ def test_manifests_mount_a_working_curve_layout(tmp_path: Path) -> None:
     curve.generate(keys, [curve.WORKER])
     # The Secrets as secrets.yaml says to make them from `vdiff keys generate keys/`.
     secrets = {
-        "vdiff-curve-gateway": {"gateway.key_secret": keys / "gateway.key_secret",
-                                "worker.key": keys / "authorized" / "worker.key"},
-        "vdiff-curve-worker": {"worker.key_secret": keys / "worker.key_secret",
-                               "gateway.key": keys / "gateway.key"},
+        "vdiff-curve-gateway": {
+            "gateway.key_secret": keys / "gateway.key_secret",
+            "worker.key": keys / "authorized" / "worker.key",
+        },
+        "vdiff-curve-worker": {
+            "worker.key_secret": keys / "worker.key_secret",
+            "gateway.key": keys / "gateway.key",
+        },
     }
     dirs: dict[str, Path] = {}
     for _, doc in resources():
@@ -30,8 +34,11 @@ def test_manifests_mount_a_working_curve_layout(tmp_path: Path) -> None:
             assert set(doc["stringData"]) == set(secrets[name])  # the placeholders' keys
         spec = pod_spec(doc)
         for container in (spec or {}).get("containers", []):
-            given = [a.split("=", 1)[1] for a in container.get("args", [])
-                     if a.startswith("--zmq-curve-dir=")]
+            given = [
+                a.split("=", 1)[1]
+                for a in container.get("args", [])
+                if a.startswith("--zmq-curve-dir=")
+            ]
             if not given:
                 continue
             mount = next(m for m in container["volumeMounts"] if m["mountPath"] == given[0])

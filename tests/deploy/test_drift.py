@@ -65,8 +65,11 @@ def test_every_shape_is_read() -> None:
 
 
 def test_every_container_runs_a_known_program() -> None:
-    unknown = [f"{inv.where}: {inv.program}" for inv in ALL
-               if inv.program not in PARSERS and inv.program not in OTHER_PROGRAMS]
+    unknown = [
+        f"{inv.where}: {inv.program}"
+        for inv in ALL
+        if inv.program not in PARSERS and inv.program not in OTHER_PROGRAMS
+    ]
     assert not unknown, f"runs a program this test cannot check: {unknown}"
 
 
@@ -103,8 +106,11 @@ def test_every_vdiff_variable_named_anywhere_is_a_flag() -> None:
     """Comments, probes, Secrets: any VDIFF_* in the deployment files is some flag's twin."""
     known = set().union(*(env_twins(build()) for build in PARSERS.values()))
     files = [*manifest_files(), *dockerfiles(), COMPOSE, COMPOSE_ENV]
-    named = {(rel(path), var) for path in files
-             for var in _VDIFF_VAR.findall(path.read_text(encoding="utf-8"))}
+    named = {
+        (rel(path), var)
+        for path in files
+        for var in _VDIFF_VAR.findall(path.read_text(encoding="utf-8"))
+    }
     assert named, "the deployment files name no VDIFF_* variable: is the reader broken?"
     stale = sorted(f"{path}: {var}" for path, var in named if var not in known)
     assert not stale, f"no flag has these environment twins: {stale}"

@@ -32,10 +32,14 @@ KUBERNETES_VERSIONS = ("1.28", major_minor(kubernetes_validate.latest_version())
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
-    ("serving.kserve.io/v1alpha1", "ServingRuntime"):
-        "servingruntime-serving.kserve.io-v1alpha1.json",
-    ("serving.kserve.io/v1beta1", "InferenceService"):
-        "inferenceservice-serving.kserve.io-v1beta1.json",
+    (
+        "serving.kserve.io/v1alpha1",
+        "ServingRuntime",
+    ): "servingruntime-serving.kserve.io-v1alpha1.json",
+    (
+        "serving.kserve.io/v1beta1",
+        "InferenceService",
+    ): "inferenceservice-serving.kserve.io-v1beta1.json",
 }
 DEPLOYMENT_MODES = {"RawDeployment", "Standard", "Serverless", "Knative", "ModelMesh"}
 Doc = dict[str, Any]
@@ -44,7 +48,8 @@ Doc = dict[str, Any]
 # ---- schemas -------------------------------------------------------------------------------
 def custom_validators(version: str) -> dict[tuple[str, str], jsonschema.Draft202012Validator]:
     definitions = schema_contents(
-        f"kubernetes-json-schema/v{version}.0-local-strict/_definitions.json", version)
+        f"kubernetes-json-schema/v{version}.0-local-strict/_definitions.json", version
+    )
     registry = Resource.from_contents(definitions) @ Registry()
     out = {}
     for key, name in CUSTOM_KINDS.items():
@@ -77,8 +82,7 @@ def kustomize(directory: Path, problems: list[str]) -> list[tuple[Path, Doc]]:
     """The documents a kustomization directory includes; problems with its list appended."""
     path = directory / "kustomization.yaml"
     (k,) = load_documents(path)
-    if (k.get("apiVersion"), k.get("kind")) != ("kustomize.config.k8s.io/v1beta1",
-                                                 "Kustomization"):
+    if (k.get("apiVersion"), k.get("kind")) != ("kustomize.config.k8s.io/v1beta1", "Kustomization"):
         problems.append(f"{rel(path)}: not a kustomize.config.k8s.io/v1beta1 Kustomization")
     docs: list[tuple[Path, Doc]] = []
     for entry in k.get("resources", []):
@@ -93,8 +97,10 @@ def kustomize(directory: Path, problems: list[str]) -> list[tuple[Path, Doc]]:
 
 
 def kustomizations(problems: list[str]) -> dict[Path, list[tuple[Path, Doc]]]:
-    found = {p.parent: kustomize(p.parent, problems)
-             for p in sorted(MANIFESTS.rglob("kustomization.yaml"))}
+    found = {
+        p.parent: kustomize(p.parent, problems)
+        for p in sorted(MANIFESTS.rglob("kustomization.yaml"))
+    }
     listed = {path for docs in found.values() for path, _ in docs}
     for path in sorted(MANIFESTS.rglob("*.yaml")):
         if path.name != "kustomization.yaml" and path not in listed:
@@ -104,8 +110,9 @@ def kustomizations(problems: list[str]) -> dict[Path, list[tuple[Path, Doc]]]:
         print("kubectl not on PATH: kustomize builds not checked")
     else:
         for directory in found:
-            done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
-                                  text=True, check=False)
+            done = subprocess.run(
+                [kubectl, "kustomize", str(directory)], capture_output=True, text=True, check=False
+            )
             if done.returncode:
                 problems.append(f"{rel(directory)}: kubectl kustomize: {done.stderr.strip()}")
     return found
@@ -121,8 +128,11 @@ def selects(selector: dict[str, Any] | None, labels: dict[str, str] | None) -> b
 
 def reference_problems(docs: list[Doc]) -> Iterator[str]:
     named = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    pods = [(d, d["spec"]["template"]["metadata"].get("labels", {}), d["spec"]["template"]["spec"])
-            for d in docs if d["kind"] in WORKLOADS]
+    pods = [
+        (d, d["spec"]["template"]["metadata"].get("labels", {}), d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in WORKLOADS
+    ]
 
     def ports_of(selector: dict[str, str]) -> tuple[set[str], set[int]] | None:
         chosen = [spec for _, labels, spec in pods if selects(selector, labels)]
@@ -134,8 +144,9 @@ def reference_problems(docs: list[Doc]) -> Iterator[str]:
     for doc in docs:
         kind, spec, what = doc["kind"], doc.get("spec", {}), describe(doc)
         if kind in WORKLOADS and "selector" in spec:
-            if not selects(spec["selector"].get("matchLabels"),
-                           spec["template"]["metadata"].get("labels")):
+            if not selects(
+                spec["selector"].get("matchLabels"), spec["template"]["metadata"].get("labels")
+            ):
                 yield f"{what}: selector does not select its own pod template"
         if (pods_spec := pod_spec(doc)) is not None:
             yield from pod_problems(what, pods_spec, named)
@@ -161,15 +172,21 @@ def reference_problems(docs: list[Doc]) -> Iterator[str]:
                 continue
             for rule in spec.get("ingress", []):
                 for peer in rule.get("from", []):
-                    if "podSelector" in peer and ports_of(
-                            peer["podSelector"].get("matchLabels", {})) is None:
+                    if (
+                        "podSelector" in peer
+                        and ports_of(peer["podSelector"].get("matchLabels", {})) is None
+                    ):
                         yield f"{what}: a `from` podSelector selects no pods"
                 for port in rule.get("ports", []):
                     if isinstance(port.get("port"), str) and port["port"] not in found[0]:
                         yield f"{what}: port {port['port']} is no port of the pods it selects"
         elif kind == "ServiceMonitor":
-            services = [d for d in docs if d["kind"] == "Service" and
-                        selects(spec["selector"].get("matchLabels"), d["metadata"].get("labels"))]
+            services = [
+                d
+                for d in docs
+                if d["kind"] == "Service"
+                and selects(spec["selector"].get("matchLabels"), d["metadata"].get("labels"))
+            ]
             names = {p.get("name") for s in services for p in s["spec"]["ports"]}
             for endpoint in spec["endpoints"]:
                 if "port" in endpoint and endpoint["port"] not in names:
@@ -203,7 +220,8 @@ def pod_problems(what: str, spec: Doc, named: set[tuple[str, str]]) -> Iterator[
             probe = c.get(probe_name, {})
             action = probe.get("httpGet") or probe.get("tcpSocket")
             if action and action["port"] not in (
-                    port_names if isinstance(action["port"], str) else port_numbers):
+                port_names if isinstance(action["port"], str) else port_numbers
+            ):
                 yield f"{where}: {probe_name} port {action['port']} is not a declared port"
         for env in c.get("env", []):
             ref = env.get("valueFrom", {}).get("secretKeyRef")
@@ -218,11 +236,13 @@ def runtime_problems(what: str, doc: Doc) -> Iterator[str]:
         yield f"{what}: needs exactly one container named kserve-container"
         return
     port = spec.get("annotations", {}).get("prometheus.io/port")
-    if port is not None and int(port) not in {p["containerPort"]
-                                              for p in served[0].get("ports", [])}:
+    if port is not None and int(port) not in {
+        p["containerPort"] for p in served[0].get("ports", [])
+    }:
         yield f"{what}: prometheus.io/port {port} is no port of kserve-container"
-    accelerators = doc["metadata"].get("annotations", {}).get(
-        "opendatahub.io/recommended-accelerators")
+    accelerators = (
+        doc["metadata"].get("annotations", {}).get("opendatahub.io/recommended-accelerators")
+    )
     if accelerators is not None:
         value = json.loads(accelerators)
         if not (isinstance(value, list) and all(isinstance(a, str) for a in value)):
@@ -234,8 +254,11 @@ def inference_problems(what: str, doc: Doc, docs: list[Doc]) -> Iterator[str]:
     if mode is not None and mode not in DEPLOYMENT_MODES:
         yield f"{what}: unknown serving.kserve.io/deploymentMode {mode}"
     model = doc["spec"]["predictor"]["model"]
-    runtimes = [d for d in docs if d["kind"] == "ServingRuntime" and
-                d["metadata"]["name"] == model.get("runtime")]
+    runtimes = [
+        d
+        for d in docs
+        if d["kind"] == "ServingRuntime" and d["metadata"]["name"] == model.get("runtime")
+    ]
     if not runtimes:
         yield f"{what}: runtime {model.get('runtime')} is not defined beside it"
         return
@@ -247,18 +270,26 @@ def inference_problems(what: str, doc: Doc, docs: list[Doc]) -> Iterator[str]:
 def main() -> int:
     problems: list[str] = []
     groups = kustomizations(problems)
-    every = sorted({(path, json.dumps(doc, sort_keys=True)): (path, doc)
-                    for docs in groups.values() for path, doc in docs}.values(),
-                   key=lambda item: str(item[0]))
+    every = sorted(
+        {
+            (path, json.dumps(doc, sort_keys=True)): (path, doc)
+            for docs in groups.values()
+            for path, doc in docs
+        }.values(),
+        key=lambda item: str(item[0]),
+    )
     problems += schema_problems(every)
     if not problems:  # references assume documents that passed their schemas
         for directory, docs in groups.items():
-            problems += [f"{rel(directory)}: {p}"
-                         for p in reference_problems([doc for _, doc in docs])]
+            problems += [
+                f"{rel(directory)}: {p}" for p in reference_problems([doc for _, doc in docs])
+            ]
     for problem in problems:
         print(problem)
-    print(f"{len(every)} manifests in {len(groups)} kustomizations: "
-          f"{'ok' if not problems else f'{len(problems)} problems'}")
+    print(
+        f"{len(every)} manifests in {len(groups)} kustomizations: "
+        f"{'ok' if not problems else f'{len(problems)} problems'}"
+    )
     return 1 if problems else 0
 
 

@@ -18,10 +18,20 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("secured")
     keyfile = tmp / "keys"
     keyfile.write_text("# one key per line\n\n" + "\n".join(FILE_KEYS) + "\n")
-    server = start_allinone(tmp, "--model", str(GOLDEN / "llada-tiny"), "--api-key-file",
-                            str(keyfile), "--rate-limit-tokens", str(TOKENS_PER_MINUTE),
-                            "--log-format", "json", "--heartbeat-interval", "0.5",
-                            env={"VDIFF_API_KEY": ",".join(ENV_KEYS)})
+    server = start_allinone(
+        tmp,
+        "--model",
+        str(GOLDEN / "llada-tiny"),
+        "--api-key-file",
+        str(keyfile),
+        "--rate-limit-tokens",
+        str(TOKENS_PER_MINUTE),
+        "--log-format",
+        "json",
+        "--heartbeat-interval",
+        "0.5",
+        env={"VDIFF_API_KEY": ",".join(ENV_KEYS)},
+    )
     yield server
     for p in server.procs:
         assert p.stop() == 0

@@ -35,11 +35,17 @@ def answer(ids: list[int]) -> list[int]:
 
 def generate(server: Server, case: dict) -> list[int]:
     p = case["params"]
-    body = {"model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": p["gen_length"],
-            "diffusion_steps": p["steps"], "block_length": p["block_length"],
-            "remasking": p["remasking"], "temperature": p["temperature"],
-            "return_token_ids": True, **({"cfg_scale": p["cfg_scale"]} if "cfg_scale" in p
-                                         else {})}
+    body = {
+        "model": "llada-tiny",
+        "prompt": case["prompt_ids"],
+        "max_tokens": p["gen_length"],
+        "diffusion_steps": p["steps"],
+        "block_length": p["block_length"],
+        "remasking": p["remasking"],
+        "temperature": p["temperature"],
+        "return_token_ids": True,
+        **({"cfg_scale": p["cfg_scale"]} if "cfg_scale" in p else {}),
+    }
     r = httpx.post(server.url + "/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return list(r.json()["choices"][0]["token_ids"])
@@ -47,8 +53,9 @@ def generate(server: Server, case: dict) -> list[int]:
 
 def _server(tmp: pytest.TempPathFactory, name: str, *flags: str) -> Iterator[Server]:
     # A compiled worker compiles before it is ready: slow on a busy 2-core machine.
-    server = start_allinone(tmp.mktemp(name), "--model", str(GOLDEN / "llada-tiny"), *flags,
-                            ready_timeout=600)
+    server = start_allinone(
+        tmp.mktemp(name), "--model", str(GOLDEN / "llada-tiny"), *flags, ready_timeout=600
+    )
     yield server
     for p in server.procs:
         assert p.stop() == 0
@@ -94,28 +101,63 @@ def test_int8_worker_agrees_with_the_golden_tokens(int8: Server) -> None:
     assert "int8 weight-only quantization: 29 of 29 linear layers" in int8.procs[0].output()
 
 
-@pytest.mark.parametrize(("flags", "message"), [
-    (["--attention", "flash"], "--attention flash needs a CUDA GPU; this worker runs on cpu"),
-    (["--flash-attention"], "--attention flash needs a CUDA GPU"),
-    (["--attention", "eager", "--flash-attention"],
-     "--flash-attention contradicts --attention eager"),
-    (["--quantization", "int4", "--dtype", "float32"],
-     "--quantization int4 needs bfloat16 activations"),
-    (["--quantization", "4bit", "--dtype", "float16"],
-     "--quantization int4 needs bfloat16 activations"),
-])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--attention", "flash"], "--attention flash needs a CUDA GPU; this worker runs on cpu"),
+        (["--flash-attention"], "--attention flash needs a CUDA GPU"),
+        (
+            ["--attention", "eager", "--flash-attention"],
+            "--flash-attention contradicts --attention eager",
+        ),
+        (
+            ["--quantization", "int4", "--dtype", "float32"],
+            "--quantization int4 needs bfloat16 activations",
+        ),
+        (
+            ["--quantization", "4bit", "--dtype", "float16"],
+            "--quantization int4 needs bfloat16 activations",
+        ),
+    ],
+)
 def test_worker_refuses_at_start(flags: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "vdiff_worker", "--model",
-                           str(GOLDEN / "llada-tiny"), "--gateway", "tcp://127.0.0.1:9", *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vdiff_worker",
+            "--model",
+            str(GOLDEN / "llada-tiny"),
+            "--gateway",
+            "tcp://127.0.0.1:9",
+            *flags,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
 
 
 def test_allinone_exits_when_its_worker_refuses() -> None:
     # The seed's alias travels from `vdiff` to its worker process.
-    proc = subprocess.run([sys.executable, "-m", "vdiff_api", "--port", str(free_port()),
-                           "--zmq-bind", f"tcp://127.0.0.1:{free_port()}", "--flash-attention"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vdiff_api",
+            "--port",
+            str(free_port()),
+            "--zmq-bind",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--flash-attention",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "--attention flash needs a CUDA GPU" in proc.stderr

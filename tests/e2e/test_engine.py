@@ -19,8 +19,9 @@ PROMPTS = [c["prompt_ids"] for c in CASES if "prompt_ids" in c][:8]
 
 
 def _start(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
-    return start_allinone(tmp, "--model", str(GOLDEN / "llada-tiny"), "--heartbeat-interval",
-                          "0.2", *flags, env=env)
+    return start_allinone(
+        tmp, "--model", str(GOLDEN / "llada-tiny"), "--heartbeat-interval", "0.2", *flags, env=env
+    )
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _complete(s: Server, prompt: list[int], **extra: object) -> httpx.Response:
-    body = {"model": "llada-tiny", "prompt": prompt, "max_tokens": 32, "block_length": 8,
-            "return_token_ids": True, **extra}
+    body = {
+        "model": "llada-tiny",
+        "prompt": prompt,
+        "max_tokens": 32,
+        "block_length": 8,
+        "return_token_ids": True,
+        **extra,
+    }
     return httpx.post(s.url + "/completions", json=body, timeout=120)
 
 
@@ -79,29 +86,47 @@ def test_seeded_sampling_is_independent_of_the_batch(server: Server) -> None:
 
 def test_aborted_stream_frees_its_slot(server: Server) -> None:
     # 480 steps take far longer than the wait below, so only the abort can free the slot.
-    body = {"model": "llada-tiny", "prompt": PROMPTS[0], "max_tokens": 480,
-            "diffusion_steps": 480, "block_length": 8, "stream": True, "eos_early_stop": False}
+    body = {
+        "model": "llada-tiny",
+        "prompt": PROMPTS[0],
+        "max_tokens": 480,
+        "diffusion_steps": 480,
+        "block_length": 8,
+        "stream": True,
+        "eos_early_stop": False,
+    }
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
         next(r.iter_lines())
         assert _wait(lambda: _stats(server)["running"] == 1)
-    assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0,
-                 timeout=2.0)
+    assert _wait(
+        lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0, timeout=2.0
+    )
     assert _active(server) == 0
 
 
 def test_abandoned_request_frees_its_slot(server: Server) -> None:
     # The same, without streaming: nothing is written until the answer, so only the
     # connection closing (which the server reads) can tell the gateway the client left.
-    body = json.dumps({"model": "llada-tiny", "prompt": PROMPTS[0], "max_tokens": 480,
-                       "diffusion_steps": 480, "block_length": 8,
-                       "eos_early_stop": False}).encode()
+    body = json.dumps(
+        {
+            "model": "llada-tiny",
+            "prompt": PROMPTS[0],
+            "max_tokens": 480,
+            "diffusion_steps": 480,
+            "block_length": 8,
+            "eos_early_stop": False,
+        }
+    ).encode()
     host, port = server.base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert _wait(lambda: _stats(server)["running"] == 1)
-    assert _wait(lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0,
-                 timeout=2.0)
+    assert _wait(
+        lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0, timeout=2.0
+    )
     assert _active(server) == 0
 
 
@@ -131,7 +156,8 @@ def test_queue_overflow_gets_429_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_splits_the_batch_and_a_too_big_request_fails_alone(
-        tmp_path: Path, server: Server) -> None:
+    tmp_path: Path, server: Server
+) -> None:
     alone = [_tokens(_complete(server, p)) for p in PROMPTS[:4]]
     # Any pass over more than 2 x 60 tokens "runs out of memory": batches of 4 must split.
     s = _start(tmp_path, env={"VDIFF_FAULT_OOM_TOKENS": "120"})
@@ -162,13 +188,21 @@ def test_request_timeout_ends_the_request_and_frees_the_slot(tmp_path: Path) -> 
 
 def test_a_job_that_cannot_start_fails_alone(tmp_path: Path) -> None:
     template = tmp_path / "strict.jinja"
-    template.write_text("{% if messages|length > 1 %}{{ raise_exception('Conversation roles "
-                        "must alternate') }}{% endif %}{{ messages[0]['content'] }}")
+    template.write_text(
+        "{% if messages|length > 1 %}{{ raise_exception('Conversation roles "
+        "must alternate') }}{% endif %}{{ messages[0]['content'] }}"
+    )
     s = _start(tmp_path, "--chat-template", str(template))
     try:
-        r = httpx.post(s.url + "/chat/completions", timeout=60, json={
-            "model": "llada-tiny", "max_tokens": 8,
-            "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+        r = httpx.post(
+            s.url + "/chat/completions",
+            timeout=60,
+            json={
+                "model": "llada-tiny",
+                "max_tokens": 8,
+                "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+            },
+        )
         assert r.status_code == 400 and "alternate" in r.json()["error"]["message"]
         assert _complete(s, PROMPTS[0]).status_code == 200  # the engine thread lives on
     finally:
@@ -177,10 +211,18 @@ def test_a_job_that_cannot_start_fails_alone(tmp_path: Path) -> None:
 
 def test_reused_request_ids_in_flight_do_not_collide(server: Server) -> None:
     def call(prompt: list[int]) -> httpx.Response:
-        return httpx.post(server.url + "/completions", timeout=60,
-                          headers={"x-request-id": "same-id"},
-                          json={"model": "llada-tiny", "prompt": prompt, "max_tokens": 32,
-                                "block_length": 8, "return_token_ids": True})
+        return httpx.post(
+            server.url + "/completions",
+            timeout=60,
+            headers={"x-request-id": "same-id"},
+            json={
+                "model": "llada-tiny",
+                "prompt": prompt,
+                "max_tokens": 32,
+                "block_length": 8,
+                "return_token_ids": True,
+            },
+        )
 
     alone = [_tokens(_complete(server, p)) for p in PROMPTS[:3]]
     with ThreadPoolExecutor(3) as pool:

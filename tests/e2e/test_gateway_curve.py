@@ -17,8 +17,12 @@ from vdiff_common import protocol
 
 
 def _keys(directory: Path, *flags: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "vdiff_api", "keys", "generate",
-                          str(directory), *flags], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "vdiff_api", "keys", "generate", str(directory), *flags],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.split()
 
 
@@ -28,8 +32,13 @@ def _plain_register(zmq_address: str) -> bool:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(zmq_address)
-    sock.send(protocol.encode(protocol.Register(version=protocol.PROTOCOL_VERSION,
-                                                worker_id="plain", models=[], capacity=1)))
+    sock.send(
+        protocol.encode(
+            protocol.Register(
+                version=protocol.PROTOCOL_VERSION, worker_id="plain", models=[], capacity=1
+            )
+        )
+    )
     answered = sock.poll(1500) != 0
     sock.close()
     ctx.term()
@@ -40,20 +49,48 @@ def test_only_workers_with_authorized_keys_register(tmp_path: Path) -> None:
     keys, stranger = tmp_path / "keys", tmp_path / "stranger"
     made = _keys(keys)
     assert {Path(p).relative_to(keys).as_posix() for p in made} == {
-        "gateway.key", "gateway.key_secret", "worker.key", "worker.key_secret",
-        "authorized/worker.key"}
+        "gateway.key",
+        "gateway.key_secret",
+        "worker.key",
+        "worker.key_secret",
+        "authorized/worker.key",
+    }
     assert (keys / "gateway.key_secret").stat().st_mode & 0o077 == 0
     _keys(stranger)  # a keypair of its own, not authorized by `keys`
     shutil.copy(keys / "gateway.key", stranger / "gateway.key")  # it knows the server key
-    server = start_allinone(tmp_path, "--model", str(GOLDEN / "llada-tiny"),
-                            "--zmq-curve-dir", str(keys), "--heartbeat-interval", "0.2")
-    worker = spawn("vdiff_worker", ["--model", str(GOLDEN / "llada-tiny"), "--gateway",
-                                    server.zmq, "--zmq-curve-dir", str(stranger),
-                                    "--worker-id", "stranger", "--num-threads", "1",
-                                    "--heartbeat-interval", "0.2"], tmp_path / "stranger.log")
+    server = start_allinone(
+        tmp_path,
+        "--model",
+        str(GOLDEN / "llada-tiny"),
+        "--zmq-curve-dir",
+        str(keys),
+        "--heartbeat-interval",
+        "0.2",
+    )
+    worker = spawn(
+        "vdiff_worker",
+        [
+            "--model",
+            str(GOLDEN / "llada-tiny"),
+            "--gateway",
+            server.zmq,
+            "--zmq-curve-dir",
+            str(stranger),
+            "--worker-id",
+            "stranger",
+            "--num-threads",
+            "1",
+            "--heartbeat-interval",
+            "0.2",
+        ],
+        tmp_path / "stranger.log",
+    )
     try:
-        r = httpx.post(server.url + "/completions", timeout=60,
-                       json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8})
+        r = httpx.post(
+            server.url + "/completions",
+            timeout=60,
+            json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8},
+        )
         assert r.status_code == 200  # the local worker, with the authorized key, serves
         assert not _plain_register(server.zmq)
         deadline = time.monotonic() + 60
@@ -74,8 +111,11 @@ def test_only_workers_with_authorized_keys_register(tmp_path: Path) -> None:
 
 def test_non_loopback_bind_without_curve_is_warned_about(tmp_path: Path) -> None:
     port = free_port()
-    gateway = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind",
-                                      f"tcp://0.0.0.0:{free_port()}"], tmp_path / "gw.log")
+    gateway = spawn(
+        "vdiff_api.cli",
+        ["--port", str(port), "--zmq-bind", f"tcp://0.0.0.0:{free_port()}"],
+        tmp_path / "gw.log",
+    )
     try:
         wait_ready(f"http://127.0.0.1:{port}", [gateway], path="/health/live")
         assert "reachable from other hosts without CURVE" in gateway.output()
@@ -88,10 +128,22 @@ def test_missing_keys_are_refused(tmp_path: Path) -> None:
     assert (tmp_path / "k" / "authorized" / "w2.key").is_file()
     assert not (tmp_path / "k" / "authorized" / "worker.key").exists()
     (tmp_path / "k" / "authorized" / "w2.key").unlink()
-    for directory, message in ((tmp_path / "none", "gateway.key_secret is missing"),
-                               (tmp_path / "k", "holds no worker public keys")):
-        out = subprocess.run([sys.executable, "-m", "vdiff_api.cli", "--port",
-                              str(free_port()), "--zmq-curve-dir", str(directory)],
-                             capture_output=True, text=True, timeout=30)
+    for directory, message in (
+        (tmp_path / "none", "gateway.key_secret is missing"),
+        (tmp_path / "k", "holds no worker public keys"),
+    ):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "vdiff_api.cli",
+                "--port",
+                str(free_port()),
+                "--zmq-curve-dir",
+                str(directory),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert out.returncode == 2 and message in out.stderr, out.stderr
-

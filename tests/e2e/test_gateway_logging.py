@@ -28,17 +28,22 @@ def _eventually(find: Callable[[], list]) -> list:
 
 
 def _access(server: Server, rid: str) -> list[dict]:
-    return _eventually(lambda: [
-        r["record"]["extra"] for r in _json_lines(server)
-        if r["record"]["extra"].get("access") and r["record"]["extra"]["request_id"] == rid])
+    return _eventually(
+        lambda: [
+            r["record"]["extra"]
+            for r in _json_lines(server)
+            if r["record"]["extra"].get("access") and r["record"]["extra"]["request_id"] == rid
+        ]
+    )
 
 
 def test_json_access_lines(secured: Server) -> None:
     key = {"Authorization": f"Bearer {FILE_KEYS[1]}"}
     rid = uuid.uuid4().hex
     body = {"model": "llada-tiny", "prompt": "What is 2 + 3?", "max_tokens": 8}
-    r = httpx.post(secured.url + "/completions", json=body, timeout=60,
-                   headers={**key, "x-request-id": rid})
+    r = httpx.post(
+        secured.url + "/completions", json=body, timeout=60, headers={**key, "x-request-id": rid}
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == rid
     usage = r.json()["usage"]
     [line] = _access(secured, rid)
@@ -50,10 +55,18 @@ def test_json_access_lines(secured: Server) -> None:
     assert line["principal"].startswith("key:") and FILE_KEYS[1] not in json.dumps(line)
 
     rid = uuid.uuid4().hex
-    with httpx.stream("POST", secured.url + "/chat/completions", timeout=60,
-                      headers={**key, "x-request-id": rid},
-                      json={"model": "llada-tiny", "max_tokens": 8, "stream": True,
-                            "messages": [{"role": "user", "content": "hi"}]}) as s:
+    with httpx.stream(
+        "POST",
+        secured.url + "/chat/completions",
+        timeout=60,
+        headers={**key, "x-request-id": rid},
+        json={
+            "model": "llada-tiny",
+            "max_tokens": 8,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi"}],
+        },
+    ) as s:
         assert s.read().decode().rstrip().endswith("[DONE]")
     [line] = _access(secured, rid)
     assert line["status"] == 200 and line["path"] == "/v1/chat/completions"
@@ -67,11 +80,16 @@ def test_json_access_lines(secured: Server) -> None:
 
 def test_text_access_line(llada_server: Server) -> None:
     rid = uuid.uuid4().hex
-    r = httpx.post(llada_server.url + "/completions", headers={"x-request-id": rid},
-                   json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8}, timeout=60)
+    r = httpx.post(
+        llada_server.url + "/completions",
+        headers={"x-request-id": rid},
+        json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8},
+        timeout=60,
+    )
     usage = r.json()["usage"]
-    [line] = _eventually(lambda: [x for x in llada_server.procs[0].output().splitlines()
-                                  if rid in x])
+    [line] = _eventually(
+        lambda: [x for x in llada_server.procs[0].output().splitlines() if rid in x]
+    )
     assert "POST /v1/completions status=200 model=llada-tiny latency=" in line
     assert f"prompt_tokens={usage['prompt_tokens']} " in line
     assert f"completion_tokens={usage['completion_tokens']} worker=local-0 " in line

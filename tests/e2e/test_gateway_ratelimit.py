@@ -17,9 +17,11 @@ from tests.e2e.conftest import FILE_KEYS, TOKENS_PER_MINUTE
 @contextmanager
 def _gateway(tmp: Path, *flags: str) -> Iterator[str]:
     port = free_port()
-    proc = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind",
-                                   f"tcp://127.0.0.1:{free_port()}", *flags],
-                 tmp / f"gateway-{port}.log")
+    proc = spawn(
+        "vdiff_api.cli",
+        ["--port", str(port), "--zmq-bind", f"tcp://127.0.0.1:{free_port()}", *flags],
+        tmp / f"gateway-{port}.log",
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base, [proc], path="/health/live")
@@ -33,8 +35,9 @@ def _models(base: str, xff: str) -> httpx.Response:
 
 
 def test_requests_per_minute_per_client_behind_a_trusted_proxy(tmp_path: Path) -> None:
-    with _gateway(tmp_path, "--rate-limit-requests", "3", "--trusted-proxies",
-                  "127.0.0.0/8") as base:
+    with _gateway(
+        tmp_path, "--rate-limit-requests", "3", "--trusted-proxies", "127.0.0.0/8"
+    ) as base:
         got = [_models(base, "203.0.113.5") for _ in range(3)]
         assert [r.status_code for r in got] == [200, 200, 200]
         assert [r.headers["x-ratelimit-remaining-requests"] for r in got] == ["2", "1", "0"]
@@ -60,8 +63,12 @@ def test_forwarded_for_is_ignored_without_trusted_proxies(tmp_path: Path) -> Non
 
 def test_generated_tokens_per_minute_per_key(secured: Server) -> None:
     key = {"Authorization": f"Bearer {FILE_KEYS[-1]}"}
-    body = {"model": "llada-tiny", "prompt": "Count: 1 2 3", "max_tokens": 32,
-            "eos_early_stop": False}
+    body = {
+        "model": "llada-tiny",
+        "prompt": "Count: 1 2 3",
+        "max_tokens": 32,
+        "eos_early_stop": False,
+    }
     spent, start = 0, time.monotonic()
     for _ in range(TOKENS_PER_MINUTE):
         r = httpx.post(secured.url + "/completions", json=body, headers=key, timeout=60)
@@ -79,8 +86,13 @@ def test_generated_tokens_per_minute_per_key(secured: Server) -> None:
     assert int(r.headers["retry-after"]) >= 1
     # Streams carry the headers too; another key has its own budget.
     other = {"Authorization": f"Bearer {FILE_KEYS[-2]}"}
-    with httpx.stream("POST", secured.url + "/completions", headers=other, timeout=60,
-                      json={**body, "max_tokens": 8, "stream": True}) as s:
+    with httpx.stream(
+        "POST",
+        secured.url + "/completions",
+        headers=other,
+        timeout=60,
+        json={**body, "max_tokens": 8, "stream": True},
+    ) as s:
         assert s.status_code == 200
         assert s.headers["x-ratelimit-remaining-tokens"] == str(TOKENS_PER_MINUTE)
         assert s.read().decode().rstrip().endswith("data: [DONE]")

@@ -14,9 +14,17 @@ import httpx
 from tests.conftest import GOLDEN, free_port, spawn, start_allinone, wait_ready
 
 PROMPT = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"][0][
-    "prompt_ids"]
-LONG = {"model": "llada-tiny", "prompt": PROMPT, "max_tokens": 192, "diffusion_steps": 192,
-        "block_length": 8, "eos_early_stop": False, "stream": True}
+    "prompt_ids"
+]
+LONG = {
+    "model": "llada-tiny",
+    "prompt": PROMPT,
+    "max_tokens": 192,
+    "diffusion_steps": 192,
+    "block_length": 8,
+    "eos_early_stop": False,
+    "stream": True,
+}
 
 
 def _ready(base: str) -> int:
@@ -24,8 +32,9 @@ def _ready(base: str) -> int:
 
 
 def test_sigterm_drains_the_allinone_server(tmp_path: Path) -> None:
-    server = start_allinone(tmp_path, "--model", str(GOLDEN / "llada-tiny"),
-                            "--heartbeat-interval", "0.2")
+    server = start_allinone(
+        tmp_path, "--model", str(GOLDEN / "llada-tiny"), "--heartbeat-interval", "0.2"
+    )
     proc = server.procs[0]
     events: list[str] = []
     first = threading.Event()
@@ -47,8 +56,11 @@ def test_sigterm_drains_the_allinone_server(tmp_path: Path) -> None:
         while _ready(server.base) != 503:
             assert time.monotonic() - signalled < 0.5, "ready stayed 200 after SIGTERM"
             time.sleep(0.02)
-        refused = httpx.post(server.url + "/completions", timeout=10,
-                             json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 4})
+        refused = httpx.post(
+            server.url + "/completions",
+            timeout=10,
+            json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 4},
+        )
         assert refused.status_code == 503
         assert refused.json()["error"]["type"] == "service_unavailable"
         assert refused.headers["retry-after"]
@@ -58,19 +70,35 @@ def test_sigterm_drains_the_allinone_server(tmp_path: Path) -> None:
         reader.join(timeout=120)
     assert events[-1] == "data: [DONE]"
     assert not any('"error"' in e for e in events)
-    assert json.loads(events[-2][len("data: "):])["choices"][0]["finish_reason"] in ("stop",
-                                                                                "length")
+    assert json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
     assert proc.popen.wait(timeout=60) == 0
 
 
 def test_sigkilled_worker_turns_ready_off_within_three_heartbeats(tmp_path: Path) -> None:
     port, zmq = free_port(), f"tcp://127.0.0.1:{free_port()}"
     base, hb = f"http://127.0.0.1:{port}", 0.5
-    gateway = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind", zmq,
-                                      "--heartbeat-interval", str(hb)], tmp_path / "gw.log")
-    worker = spawn("vdiff_worker", ["--model", str(GOLDEN / "llada-tiny"), "--gateway", zmq,
-                                    "--num-threads", "1", "--heartbeat-interval", str(hb)],
-                   tmp_path / "worker.log")
+    gateway = spawn(
+        "vdiff_api.cli",
+        ["--port", str(port), "--zmq-bind", zmq, "--heartbeat-interval", str(hb)],
+        tmp_path / "gw.log",
+    )
+    worker = spawn(
+        "vdiff_worker",
+        [
+            "--model",
+            str(GOLDEN / "llada-tiny"),
+            "--gateway",
+            zmq,
+            "--num-threads",
+            "1",
+            "--heartbeat-interval",
+            str(hb),
+        ],
+        tmp_path / "worker.log",
+    )
     try:
         wait_ready(base, [gateway, worker])
         time.sleep(hb * 1.5)  # whatever the phase of the heartbeats

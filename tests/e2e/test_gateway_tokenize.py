@@ -23,14 +23,16 @@ def test_tokenize_counts_what_generation_counts(secured: Server) -> None:
     body = tok.json()
     assert set(body) == {"count", "max_model_len", "tokens"}
     assert body["count"] == len(body["tokens"]) > 0 and body["max_model_len"] == 512
-    gen = _post(secured, "/v1/completions", {"model": "llada-tiny", "prompt": prompt,
-                                              "max_tokens": 4})
+    gen = _post(
+        secured, "/v1/completions", {"model": "llada-tiny", "prompt": prompt, "max_tokens": 4}
+    )
     assert gen.json()["usage"]["prompt_tokens"] == body["count"]
 
     chat = _post(secured, "/tokenize", {"messages": CHAT})  # the only model by default
     assert chat.status_code == 200, chat.text
-    gen = _post(secured, "/v1/chat/completions", {"model": "llada-tiny", "messages": CHAT,
-                                                   "max_tokens": 4})
+    gen = _post(
+        secured, "/v1/chat/completions", {"model": "llada-tiny", "messages": CHAT, "max_tokens": 4}
+    )
     assert gen.json()["usage"]["prompt_tokens"] == chat.json()["count"] > body["count"]
 
 
@@ -41,19 +43,27 @@ def test_detokenize_round_trip(secured: Server) -> None:
     assert _post(secured, "/detokenize", {"tokens": []}).json() == {"prompt": ""}
 
 
-@pytest.mark.parametrize(("path", "body", "status", "param"), [
-    ("/tokenize", {"model": "llada-tiny"}, 400, "prompt"),
-    ("/tokenize", {"prompt": "a", "messages": CHAT}, 400, "prompt"),
-    ("/tokenize", {"prompt": "a", "add_special_tokens": False}, 400, "add_special_tokens"),
-    ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-     "messages[0].content"),
-    ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
-    ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
-    ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
-    ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
-])
-def test_bad_requests_get_openai_errors(secured: Server, path: str, body: dict, status: int,
-                                        param: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/tokenize", {"model": "llada-tiny"}, 400, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": CHAT}, 400, "prompt"),
+        ("/tokenize", {"prompt": "a", "add_special_tokens": False}, 400, "add_special_tokens"),
+        (
+            "/tokenize",
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            400,
+            "messages[0].content",
+        ),
+        ("/tokenize", {"model": "nope", "prompt": "a"}, 404, "model"),
+        ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
+        ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+    ],
+)
+def test_bad_requests_get_openai_errors(
+    secured: Server, path: str, body: dict, status: int, param: str
+) -> None:
     r = _post(secured, path, body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["param"] == param

@@ -19,8 +19,14 @@ CASES = json.loads((GOLDEN / "cases" / "shared_apd.json").read_text())["apd"]
 
 @pytest.fixture(scope="module")
 def apd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_allinone(tmp_path_factory.mktemp("apd"), "--model", str(GOLDEN / "dream-tiny"),
-                            "--enable-apd", "--apd-verifier", str(GOLDEN / "ar-tiny"))
+    server = start_allinone(
+        tmp_path_factory.mktemp("apd"),
+        "--model",
+        str(GOLDEN / "dream-tiny"),
+        "--enable-apd",
+        "--apd-verifier",
+        str(GOLDEN / "ar-tiny"),
+    )
     yield server
     for p in server.procs:
         p.stop()
@@ -29,9 +35,14 @@ def apd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def body(case: dict) -> dict[str, object]:
     p = case["params"]
     out: dict[str, object] = {
-        "model": "dream-tiny", "prompt": case["prompt_ids"], "max_tokens": p["max_new_tokens"],
-        "temperature": p["temperature"], "decoding": "apd",
-        "apd_mixture_weight": p["apd_mixture_weight"], "return_token_ids": True}
+        "model": "dream-tiny",
+        "prompt": case["prompt_ids"],
+        "max_tokens": p["max_new_tokens"],
+        "temperature": p["temperature"],
+        "decoding": "apd",
+        "apd_mixture_weight": p["apd_mixture_weight"],
+        "return_token_ids": True,
+    }
     if p["kv_window"] is not None:
         out["apd_kv_window"] = p["kv_window"]
     if p["max_lookahead"] is not None:
@@ -39,8 +50,13 @@ def body(case: dict) -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "R{apd_mixture_weight}-W{kv_window}-"
-                         "M{max_lookahead}-".format(**c["params"]) + c["task"])
+@pytest.mark.parametrize(
+    "case",
+    CASES,
+    ids=lambda c: (
+        "R{apd_mixture_weight}-W{kv_window}-M{max_lookahead}-".format(**c["params"]) + c["task"]
+    ),
+)
 def test_apd_case(apd_server: Server, case: dict) -> None:
     r = httpx.post(apd_server.url + "/completions", json=body(case), timeout=120)
     assert r.status_code == 200, r.text
@@ -68,8 +84,18 @@ def test_apd_on_a_llada_server_is_refused(llada_server: Server) -> None:
 
 
 def test_enabling_apd_without_a_verifier_stops_the_worker() -> None:
-    done = subprocess.run([sys.executable, "-m", "vdiff_worker", "--model",
-                           str(GOLDEN / "dream-tiny"), "--enable-apd"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vdiff_worker",
+            "--model",
+            str(GOLDEN / "dream-tiny"),
+            "--enable-apd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert "--enable-apd needs --apd-verifier" in done.stdout + done.stderr

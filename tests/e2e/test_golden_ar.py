@@ -28,9 +28,17 @@ def _answer(ids: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: str(len(c["prompt_ids"])))
 def test_ar_greedy_case(ar_server: Server, case: dict) -> None:
-    r = httpx.post(ar_server.url + "/completions", timeout=60, json={
-        "model": "ar-tiny", "prompt": case["prompt_ids"], "max_tokens": case["max_new_tokens"],
-        "temperature": 0, "return_token_ids": True})
+    r = httpx.post(
+        ar_server.url + "/completions",
+        timeout=60,
+        json={
+            "model": "ar-tiny",
+            "prompt": case["prompt_ids"],
+            "max_tokens": case["max_new_tokens"],
+            "temperature": 0,
+            "return_token_ids": True,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["token_ids"] == _answer(case["output_ids"])
@@ -40,8 +48,16 @@ def test_ar_greedy_case(ar_server: Server, case: dict) -> None:
 
 
 def test_ar_sampling_is_seeded(ar_server: Server) -> None:
-    body = {"model": "ar-tiny", "prompt": "What is 2 + 3?", "max_tokens": 12,
-            "temperature": 1.0, "top_p": 0.9, "top_k": 20, "seed": 3, "return_token_ids": True}
+    body = {
+        "model": "ar-tiny",
+        "prompt": "What is 2 + 3?",
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "top_k": 20,
+        "seed": 3,
+        "return_token_ids": True,
+    }
     a = httpx.post(ar_server.url + "/completions", json=body, timeout=60).json()
     b = httpx.post(ar_server.url + "/completions", json=body, timeout=60).json()
     assert a["choices"][0]["token_ids"] == b["choices"][0]["token_ids"]

@@ -17,10 +17,15 @@ CASES = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["fastdl
 def body(case: dict) -> dict[str, object]:
     p = case["params"]
     out: dict[str, object] = {
-        "model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": p["gen_length"],
+        "model": "llada-tiny",
+        "prompt": case["prompt_ids"],
+        "max_tokens": p["gen_length"],
         "block_length": p["block_length"],
-        "remasking": p["remasking"], "temperature": p["temperature"], "cache": case["cache"],
-        "return_token_ids": True}
+        "remasking": p["remasking"],
+        "temperature": p["temperature"],
+        "cache": case["cache"],
+        "return_token_ids": True,
+    }
     if "factor" in p:
         out.update(decoding="factor", factor=p["factor"])
     elif p["threshold"] is not None:
@@ -47,10 +52,10 @@ def test_fastdllm_case(llada_server: Server, case: dict) -> None:
 
 
 @pytest.mark.parametrize("field,value", [("cache", "dual"), ("decoding", "threshold")])
-def test_cfg_is_refused_with_a_cache_or_fast_rule(llada_server: Server, field: str,
-                                                  value: str) -> None:
-    req = {"model": "llada-tiny", "prompt": "hi", "max_tokens": 8, "cfg_scale": 1.0,
-           field: value}
+def test_cfg_is_refused_with_a_cache_or_fast_rule(
+    llada_server: Server, field: str, value: str
+) -> None:
+    req = {"model": "llada-tiny", "prompt": "hi", "max_tokens": 8, "cfg_scale": 1.0, field: value}
     r = httpx.post(llada_server.url + "/completions", json=req, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "cfg_scale"
@@ -58,10 +63,15 @@ def test_cfg_is_refused_with_a_cache_or_fast_rule(llada_server: Server, field: s
 
 def test_fields_a_strategy_does_not_read_are_refused(llada_server: Server) -> None:
     case = CASES[0]
-    for extra, field in (({"decoding": "threshold", "diffusion_steps": 32}, "diffusion_steps"),
-                         ({"decoding": "factor", "factor": 1.0, "threshold": 0.9}, "threshold"),
-                         ({"decoding": "threshold", "alg": "entropy"}, "alg")):
-        r = httpx.post(llada_server.url + "/completions", timeout=60, json={
-            "model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": 32, **extra})
+    for extra, field in (
+        ({"decoding": "threshold", "diffusion_steps": 32}, "diffusion_steps"),
+        ({"decoding": "factor", "factor": 1.0, "threshold": 0.9}, "threshold"),
+        ({"decoding": "threshold", "alg": "entropy"}, "alg"),
+    ):
+        r = httpx.post(
+            llada_server.url + "/completions",
+            timeout=60,
+            json={"model": "llada-tiny", "prompt": case["prompt_ids"], "max_tokens": 32, **extra},
+        )
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == field

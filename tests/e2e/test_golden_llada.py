@@ -23,10 +23,15 @@ def answer(ids: list[int]) -> list[int]:
 
 def body(prompt: list[int] | list[list[int]], params: dict[str, object]) -> dict[str, object]:
     out: dict[str, object] = {
-        "model": "llada-tiny", "prompt": prompt, "max_tokens": params["gen_length"],
-        "diffusion_steps": params["steps"], "block_length": params["block_length"],
-        "remasking": params["remasking"], "temperature": params["temperature"],
-        "return_token_ids": True}
+        "model": "llada-tiny",
+        "prompt": prompt,
+        "max_tokens": params["gen_length"],
+        "diffusion_steps": params["steps"],
+        "block_length": params["block_length"],
+        "remasking": params["remasking"],
+        "temperature": params["temperature"],
+        "return_token_ids": True,
+    }
     if "cfg_scale" in params:
         out["cfg_scale"] = params["cfg_scale"]
     return out
@@ -38,16 +43,22 @@ BATCH = [c for c in CASES["generate"] if "batch_prompt_ids" in c]
 
 @pytest.mark.parametrize("case", SINGLE, ids=lambda c: json.dumps(c["params"]) + c["task"])
 def test_generate_case(llada_server: Server, case: dict) -> None:
-    r = httpx.post(llada_server.url + "/completions", json=body(case["prompt_ids"],
-                                                                case["params"]), timeout=120)
+    r = httpx.post(
+        llada_server.url + "/completions",
+        json=body(case["prompt_ids"], case["params"]),
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["token_ids"] == answer(case["output_ids"])
 
 
 def test_generate_left_padded_batch(llada_server: Server) -> None:
     case = BATCH[0]
-    r = httpx.post(llada_server.url + "/completions",
-                   json=body(case["batch_prompt_ids"], case["params"]), timeout=120)
+    r = httpx.post(
+        llada_server.url + "/completions",
+        json=body(case["batch_prompt_ids"], case["params"]),
+        timeout=120,
+    )
     assert r.status_code == 200, r.text
     got = [c["token_ids"] for c in r.json()["choices"]]
     assert got == [answer(o) for o in case["output_ids"]]

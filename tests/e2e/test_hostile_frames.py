@@ -17,8 +17,12 @@ def test_bad_frames_are_refused_and_counted(llada_server: Server) -> None:
     assert counted == expected == 7
     workers = [w["id"] for w in httpx.get(llada_server.base + "/health").json()["workers"]]
     assert "future" not in workers
-    r = httpx.post(llada_server.url + "/completions", timeout=60,
-                   json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8})
+    r = httpx.post(
+        llada_server.url + "/completions",
+        timeout=60,
+        json={"model": "llada-tiny", "prompt": "hi", "max_tokens": 8},
+    )
     assert r.status_code == 200
-    assert [m["id"] for m in httpx.get(llada_server.url + "/models").json()["data"]] == \
-        ["llada-tiny"]
+    assert [m["id"] for m in httpx.get(llada_server.url + "/models").json()["data"]] == [
+        "llada-tiny"
+    ]

@@ -32,8 +32,12 @@ def hub_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("hf")
     cache = tmp / "hub"
     add_snapshot(cache, LLADA_ID, checkpoint_files(GOLDEN / "llada-tiny"))
-    add_snapshot(cache, LLADA_ID, checkpoint_files(GOLDEN / "llada-tiny",
-                                                   max_sequence_length=300), refs=("v2",))
+    add_snapshot(
+        cache,
+        LLADA_ID,
+        checkpoint_files(GOLDEN / "llada-tiny", max_sequence_length=300),
+        refs=("v2",),
+    )
     add_snapshot(cache, AR_ID, checkpoint_files(GOLDEN / "ar-tiny"))
     broken = sharded_files(GOLDEN / "llada-tiny", tmp / "shards")
     del broken[SHARDS[1]]
@@ -54,8 +58,9 @@ def _serving(tmp: Path, env: dict[str, str], *flags: str) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def by_id(tmp_path_factory: pytest.TempPathFactory, hub_env: dict[str, str]) -> Iterator[Server]:
-    with _serving(tmp_path_factory.mktemp("by-id"), hub_env, "--model", LLADA_ID,
-                  "--trust-remote-code") as server:
+    with _serving(
+        tmp_path_factory.mktemp("by-id"), hub_env, "--model", LLADA_ID, "--trust-remote-code"
+    ) as server:
         yield server
 
 
@@ -65,8 +70,8 @@ def test_id_is_served_under_the_name_typed(by_id: Server) -> None:
     assert [m.id for m in models] == [LLADA_ID]
     assert models[0].model_extra["max_model_len"] == 512  # main's config
     out = client.chat.completions.create(
-        model=LLADA_ID, messages=[{"role": "user", "content": "What is 24 + 1?"}],
-        max_tokens=32)
+        model=LLADA_ID, messages=[{"role": "user", "content": "What is 24 + 1?"}], max_tokens=32
+    )
     assert out.choices[0].message.content == "11"  # golden: llada-tiny's answer
     assert out.choices[0].finish_reason == "stop"
     log = by_id.procs[0].output()
@@ -75,15 +80,25 @@ def test_id_is_served_under_the_name_typed(by_id: Server) -> None:
 
 
 def test_revision_picks_the_snapshot(tmp_path: Path, hub_env: dict[str, str]) -> None:
-    with _serving(tmp_path, hub_env, "--model", LLADA_ID, "--revision", "v2",
-                  "--served-model-name", "llada-v2") as server:
+    with _serving(
+        tmp_path,
+        hub_env,
+        "--model",
+        LLADA_ID,
+        "--revision",
+        "v2",
+        "--served-model-name",
+        "llada-v2",
+    ) as server:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
         models = client.models.list().data
         assert [m.id for m in models] == ["llada-v2"]  # --served-model-name still wins
         assert models[0].model_extra["max_model_len"] == 300  # branch v2's config
         out = client.chat.completions.create(
-            model="llada-v2", messages=[{"role": "user", "content": "What is 24 + 1?"}],
-            max_tokens=32)
+            model="llada-v2",
+            messages=[{"role": "user", "content": "What is 24 + 1?"}],
+            max_tokens=32,
+        )
         assert out.choices[0].message.content == "11"  # same weights, other config
         assert f"{LLADA_ID} (revision v2, commit" in server.procs[0].output()
 
@@ -94,18 +109,37 @@ def test_autoregressive_fallback_by_id(tmp_path: Path, hub_env: dict[str, str]) 
     want = case["output_ids"]
     want = want[: next((i for i, t in enumerate(want) if t in stop), len(want))]
     with _serving(tmp_path, hub_env, "--model", AR_ID) as server:
-        r = httpx.post(server.url + "/completions", timeout=60, json={
-            "model": AR_ID, "prompt": case["prompt_ids"], "max_tokens": case["max_new_tokens"],
-            "temperature": 0, "return_token_ids": True})
+        r = httpx.post(
+            server.url + "/completions",
+            timeout=60,
+            json={
+                "model": AR_ID,
+                "prompt": case["prompt_ids"],
+                "max_tokens": case["max_new_tokens"],
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+        )
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["token_ids"] == want  # golden: transformers' greedy
 
 
 def _refused(tmp: Path, env: dict[str, str], *flags: str) -> str:
     """Start `vdiff` and expect it to exit non-zero before serving; its log."""
-    proc = spawn("vdiff_api", ["--port", str(free_port()), "--zmq-bind",
-                               f"tcp://127.0.0.1:{free_port()}", "--num-threads", "1", *flags],
-                 tmp / "vdiff.log", env)
+    proc = spawn(
+        "vdiff_api",
+        [
+            "--port",
+            str(free_port()),
+            "--zmq-bind",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--num-threads",
+            "1",
+            *flags,
+        ],
+        tmp / "vdiff.log",
+        env,
+    )
     try:
         code = proc.popen.wait(timeout=120)
     except subprocess.TimeoutExpired:
@@ -119,8 +153,10 @@ def _refused(tmp: Path, env: dict[str, str], *flags: str) -> str:
 def test_offline_and_absent_is_refused_at_start(tmp_path: Path, hub_env: dict[str, str]) -> None:
     log = _refused(tmp_path, hub_env, "--model", "vdiff-test/absent")
     line = next(ln for ln in log.splitlines() if "cannot load model:" in ln)
-    assert "vdiff-test/absent (revision main) is not a local directory and not in the " \
-           f"Hugging Face cache {hub_env['HF_HUB_CACHE']}" in line
+    assert (
+        "vdiff-test/absent (revision main) is not a local directory and not in the "
+        f"Hugging Face cache {hub_env['HF_HUB_CACHE']}" in line
+    )
     assert "HF_HUB_OFFLINE" in line and "`hf download vdiff-test/absent`" in line
 
 

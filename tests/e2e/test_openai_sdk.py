@@ -29,13 +29,16 @@ def test_models_retrieve_gives_the_listed_model(client: openai.OpenAI) -> None:
     assert model.model_extra["max_model_len"] == 512
 
 
-def test_models_retrieve_unknown_is_openai_404(client: openai.OpenAI,
-                                               llada_server: Server) -> None:
+def test_models_retrieve_unknown_is_openai_404(client: openai.OpenAI, llada_server: Server) -> None:
     for name in ("nope", "org/nope"):  # the SDK sends the slash as %2F
         with pytest.raises(openai.NotFoundError) as err:
             client.models.retrieve(name)
-        assert err.value.body == {"message": f"The model '{name}' does not exist.",
-                                  "type": "not_found_error", "param": "model", "code": 404}
+        assert err.value.body == {
+            "message": f"The model '{name}' does not exist.",
+            "type": "not_found_error",
+            "param": "model",
+            "code": 404,
+        }
     raw = httpx.get(llada_server.url + "/models/nope")
     assert raw.status_code == 404 and set(raw.json()) == {"error"}
 
@@ -51,8 +54,8 @@ def test_completion(client: openai.OpenAI) -> None:
 
 def test_chat_completion(client: openai.OpenAI) -> None:
     out = client.chat.completions.create(
-        model="llada-tiny", messages=[{"role": "user", "content": "What is 24 + 1?"}],
-        max_tokens=32)
+        model="llada-tiny", messages=[{"role": "user", "content": "What is 24 + 1?"}], max_tokens=32
+    )
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == "11"  # golden: the tiny model's answer
     assert out.choices[0].finish_reason == "stop"
@@ -60,11 +63,17 @@ def test_chat_completion(client: openai.OpenAI) -> None:
 
 def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "Sort the numbers: 6 3 57"}]
-    full = client.chat.completions.create(model="llada-tiny", messages=messages, max_tokens=32,
-                                          extra_body={"block_length": 8})
+    full = client.chat.completions.create(
+        model="llada-tiny", messages=messages, max_tokens=32, extra_body={"block_length": 8}
+    )
     stream = client.chat.completions.create(
-        model="llada-tiny", messages=messages, max_tokens=32, stream=True,
-        stream_options={"include_usage": True}, extra_body={"block_length": 8})
+        model="llada-tiny",
+        messages=messages,
+        max_tokens=32,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"block_length": 8},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
@@ -75,8 +84,13 @@ def test_chat_stream_matches_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_completion_stream_raw_sse(llada_server: Server) -> None:
-    body = {"model": "llada-tiny", "prompt": "What is 2 + 3?", "max_tokens": 16, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "llada-tiny",
+        "prompt": "What is 2 + 3?",
+        "max_tokens": 16,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", llada_server.url + "/completions", json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -100,13 +114,17 @@ def test_bad_input_gets_openai_error(client: openai.OpenAI) -> None:
     assert err.value.body["param"] == "presence_penalty"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi")
-    for extra, field in (({"prompt": [1, 2**40]}, "prompt"), ({"seed": 2**70}, "seed"),
-                         ({"stop_token_ids": [-1]}, "stop_token_ids"),
-                         ({"max_tokens": 8, "diffusion_steps": 2**30}, "diffusion_steps"),
-                         ({"max_tokens": 8, "diffusion_steps": 9}, "diffusion_steps")):
+    for extra, field in (
+        ({"prompt": [1, 2**40]}, "prompt"),
+        ({"seed": 2**70}, "seed"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"max_tokens": 8, "diffusion_steps": 2**30}, "diffusion_steps"),
+        ({"max_tokens": 8, "diffusion_steps": 9}, "diffusion_steps"),
+    ):
         with pytest.raises(openai.BadRequestError) as err:
-            client.completions.create(model="llada-tiny", prompt=extra.pop("prompt", "hi"),
-                                      extra_body=extra)
+            client.completions.create(
+                model="llada-tiny", prompt=extra.pop("prompt", "hi"), extra_body=extra
+            )
         assert err.value.body["param"].startswith(field), err.value.body
     # The worker survived all of it.
     assert client.completions.create(model="llada-tiny", prompt="hi", max_tokens=8).choices

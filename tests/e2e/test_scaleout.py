@@ -17,7 +17,8 @@ from tests.conftest import GOLDEN, Proc, free_port, spawn, wait_ready
 
 HB = "0.2"  # heartbeat interval: a dead peer is noticed after 0.6 s
 PROMPT = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"][0][
-    "prompt_ids"]
+    "prompt_ids"
+]
 
 
 @dataclass
@@ -29,17 +30,27 @@ class Cluster:
     def gateway(self, name: str, port: int | None = None, zport: int | None = None) -> str:
         port, zport = port or free_port(), zport or free_port()
         zmq = f"tcp://127.0.0.1:{zport}"
-        proc = spawn("vdiff_api.cli", ["--port", str(port), "--zmq-bind", zmq,
-                                       "--heartbeat-interval", HB],
-                     self.tmp / f"gw-{name}-{time.monotonic_ns()}.log")
+        proc = spawn(
+            "vdiff_api.cli",
+            ["--port", str(port), "--zmq-bind", zmq, "--heartbeat-interval", HB],
+            self.tmp / f"gw-{name}-{time.monotonic_ns()}.log",
+        )
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, [proc], path="/health/live")
         self.gateways[name] = (base, zmq, proc)
         return base
 
     def worker(self, name: str, model: str = "llada-tiny", *gateways: str) -> Proc:
-        flags = ["--model", str(GOLDEN / model), "--worker-id", name, "--num-threads", "1",
-                 "--heartbeat-interval", HB]
+        flags = [
+            "--model",
+            str(GOLDEN / model),
+            "--worker-id",
+            name,
+            "--num-threads",
+            "1",
+            "--heartbeat-interval",
+            HB,
+        ]
         for g in gateways or list(self.gateways):
             flags += ["--gateway", self.gateways[g][1]]
         proc = spawn("vdiff_worker", flags, self.tmp / f"w-{name}-{time.monotonic_ns()}.log")
@@ -84,15 +95,24 @@ def test_killed_worker_mid_stream_then_restarted(cluster: Cluster) -> None:
     cluster.worker("w1")
     cluster.worker("w2")
     _until(lambda: len(_workers(base)) == 2)
-    long = {"max_tokens": 192, "diffusion_steps": 192, "block_length": 8,
-            "eos_early_stop": False, "stream": True}
+    long = {
+        "max_tokens": 192,
+        "diffusion_steps": 192,
+        "block_length": 8,
+        "eos_early_stop": False,
+        "stream": True,
+    }
     outcomes: list[str] = []
     started = threading.Semaphore(0)
 
     def stream() -> None:
         events = []
-        with httpx.stream("POST", base + "/v1/completions", timeout=60,
-                          json={"model": "llada-tiny", "prompt": PROMPT, **long}) as r:
+        with httpx.stream(
+            "POST",
+            base + "/v1/completions",
+            timeout=60,
+            json={"model": "llada-tiny", "prompt": PROMPT, **long},
+        ) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line)
@@ -111,9 +131,18 @@ def test_killed_worker_mid_stream_then_restarted(cluster: Cluster) -> None:
     killed_at = time.monotonic()
     _until(lambda: set(_workers(base)) == {"w2"}, timeout=3.0)
     # A new request reaches the survivor: its first block streams back within 3 s.
-    with httpx.stream("POST", base + "/v1/completions", timeout=60, json={
-            "model": "llada-tiny", "prompt": PROMPT, "max_tokens": 32, "block_length": 8,
-            "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        base + "/v1/completions",
+        timeout=60,
+        json={
+            "model": "llada-tiny",
+            "prompt": PROMPT,
+            "max_tokens": 32,
+            "block_length": 8,
+            "stream": True,
+        },
+    ) as r:
         first = next(e for e in r.iter_lines() if e.startswith("data: "))
         assert '"text"' in first and time.monotonic() - killed_at < 3.0
     for t in threads:
@@ -132,10 +161,11 @@ def test_unstarted_job_of_a_dead_worker_is_retried_on_another(cluster: Cluster) 
     _until(lambda: len(_workers(base)) == 2)
     # A non-streaming request that produces no output before its worker dies is retried.
     results: list[int] = []
-    body = {"max_tokens": 128, "diffusion_steps": 128, "block_length": 128,
-            "eos_early_stop": False}
-    threads = [threading.Thread(target=lambda: results.append(_complete(base, **body)
-                                                              .status_code)) for _ in range(2)]
+    body = {"max_tokens": 128, "diffusion_steps": 128, "block_length": 128, "eos_early_stop": False}
+    threads = [
+        threading.Thread(target=lambda: results.append(_complete(base, **body).status_code))
+        for _ in range(2)
+    ]
     for t in threads:
         t.start()
     _until(lambda: all(w["inflight"] == 1 for w in _workers(base).values()))
@@ -172,8 +202,11 @@ def test_model_pools_behind_one_gateway(cluster: Cluster) -> None:
     models = {m["id"] for m in httpx.get(base + "/v1/models").json()["data"]}
     assert models == {"llada-tiny", "ar-tiny"}
     assert _complete(base, "llada-tiny").status_code == 200
-    r = httpx.post(base + "/v1/completions", timeout=60,
-                   json={"model": "ar-tiny", "prompt": "What is 2 + 3?", "max_tokens": 8})
+    r = httpx.post(
+        base + "/v1/completions",
+        timeout=60,
+        json={"model": "ar-tiny", "prompt": "What is 2 + 3?", "max_tokens": 8},
+    )
     assert r.status_code == 200
     stats = {w["id"]: w for w in httpx.get(base + "/v1/engine/stats").json()["workers"]}
     assert stats["llada"]["models"] == ["llada-tiny"] and stats["ar"]["models"] == ["ar-tiny"]

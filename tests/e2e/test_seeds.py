@@ -19,8 +19,14 @@ SAMPLED = {"decoding": "reference", "temperature": 1.0}
 
 
 def _choices(server: Server, n: int = 1, **extra: object) -> list[list[int]]:
-    body = {"model": "llada-tiny", "prompt": SORT, "max_tokens": 32, "return_token_ids": True,
-            "n": n, **extra}
+    body = {
+        "model": "llada-tiny",
+        "prompt": SORT,
+        "max_tokens": 32,
+        "return_token_ids": True,
+        "n": n,
+        **extra,
+    }
     r = httpx.post(server.url + "/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return [c["token_ids"] for c in r.json()["choices"]]
@@ -44,8 +50,7 @@ def test_another_seed_gives_other_tokens(llada_server: Server) -> None:
     assert len({tuple(a) for a in answers}) == 3, answers
 
 
-def test_a_sampled_answer_is_not_the_greedy_one(llada_server: Server,
-                                                greedy: list[int]) -> None:
+def test_a_sampled_answer_is_not_the_greedy_one(llada_server: Server, greedy: list[int]) -> None:
     for seed in (11, 12):
         assert _choices(llada_server, seed=seed, **SAMPLED)[0] != greedy
 

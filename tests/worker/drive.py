@@ -16,10 +16,13 @@ def runner(models: dict[str, torch.nn.Module], slots: int = 2, max_len: int = 51
     return Runner(models, slots=slots, max_len=max_len, metrics=WorkerMetrics("test", "drive"))
 
 
-def drive(strategy: Strategy, models: dict[str, torch.nn.Module],
-          on_pass: list[int] | None = None,
-          until: Callable[[torch.Tensor], bool] | None = None,
-          run: Runner | None = None) -> int:
+def drive(
+    strategy: Strategy,
+    models: dict[str, torch.nn.Module],
+    on_pass: list[int] | None = None,
+    until: Callable[[torch.Tensor], bool] | None = None,
+    run: Runner | None = None,
+) -> int:
     """Run a strategy to its end or until `until` holds for the canvas; returns the rows
     computed. `on_pass` collects the tokens committed after each call."""
     run = run or runner(models)
@@ -45,12 +48,24 @@ def drive(strategy: Strategy, models: dict[str, torch.nn.Module],
     return rows
 
 
-def slots_for(model: torch.nn.Module, rows: list[tuple[int, int, int, int]],
-              store: SlotStore | None = None, slots: int = 4, length: int = 256) -> SlotBatch:
+def slots_for(
+    model: torch.nn.Module,
+    rows: list[tuple[int, int, int, int]],
+    store: SlotStore | None = None,
+    slots: int = 4,
+    length: int = 256,
+) -> SlotBatch:
     """A SlotBatch of rows (slot, start, new tokens, keys), in `store` or a new one."""
     if store is None:
         shape = model.kv_shape()  # type: ignore[operator]
-        store = SlotStore(shape.layers, slots, shape.kv_heads, length, shape.head_dim,
-                          torch.float32, torch.device("cpu"))
+        store = SlotStore(
+            shape.layers,
+            slots,
+            shape.kv_heads,
+            length,
+            shape.head_dim,
+            torch.float32,
+            torch.device("cpu"),
+        )
     cols = list(zip(*rows))
     return SlotBatch(store, *(torch.tensor(c) for c in cols))

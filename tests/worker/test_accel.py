@@ -43,8 +43,14 @@ def llada_cases() -> dict[str, torch.Tensor]:
 
 
 def _flags(**over: Any) -> Options:
-    flags: dict[str, Any] = {"compile": False, "compile_mode": "default", "attention": "sdpa",
-                             "flash_attention": None, "quantization": None, **over}
+    flags: dict[str, Any] = {
+        "compile": False,
+        "compile_mode": "default",
+        "attention": "sdpa",
+        "flash_attention": None,
+        "quantization": None,
+        **over,
+    }
     return Options.from_flags(**flags)
 
 
@@ -77,8 +83,9 @@ def test_int4_loads_in_bfloat16_unless_told_otherwise() -> None:
 
 
 def test_refusals_name_the_problem() -> None:
-    with pytest.raises(AccelError, match="--attention flash needs a CUDA GPU; this worker runs "
-                                         "on cpu"):
+    with pytest.raises(
+        AccelError, match="--attention flash needs a CUDA GPU; this worker runs on cpu"
+    ):
         accel.check(Options(attention="flash"), CPU)
     with pytest.raises(AccelError, match="int4 needs bfloat16 activations.*model is float32"):
         accel.check(Options(quantization="int4"), CPU, torch.float32)
@@ -117,13 +124,25 @@ def test_eager_attention_equals_sdpa_within_1e4(model: str) -> None:
 
 
 def _slots(g: torch.Generator) -> SlotBatch:
-    store = SlotStore(layers=1, slots=3, kv_heads=2, length=16, head_dim=8, dtype=torch.float32,
-                      device=torch.device("cpu"))
+    store = SlotStore(
+        layers=1,
+        slots=3,
+        kv_heads=2,
+        length=16,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
     store.keys[0].copy_(torch.randn(store.keys[0].shape, generator=g))
     store.values[0].copy_(torch.randn(store.values[0].shape, generator=g))
     # Rows in slots 2 and 0: five new tokens at 3 (of 12 keys), four at 0 (of 10).
-    return SlotBatch(store, torch.tensor([2, 0]), torch.tensor([3, 0]), torch.tensor([5, 4]),
-                     torch.tensor([12, 10]))
+    return SlotBatch(
+        store,
+        torch.tensor([2, 0]),
+        torch.tensor([3, 0]),
+        torch.tensor([5, 4]),
+        torch.tensor([12, 10]),
+    )
 
 
 def test_eager_attention_with_caches_and_groups() -> None:
@@ -143,13 +162,23 @@ def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> t
     assert not causal
     groups = q.shape[2] // k.shape[2]
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(groups, dim=1),
-        v.transpose(1, 2).repeat_interleave(groups, dim=1))
+        q.transpose(1, 2),
+        k.transpose(1, 2).repeat_interleave(groups, dim=1),
+        v.transpose(1, 2).repeat_interleave(groups, dim=1),
+    )
     return out.transpose(1, 2)
 
 
-def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor,
-            cu_k: torch.Tensor, max_q: int, max_k: int, causal: bool) -> torch.Tensor:
+def _varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    causal: bool,
+) -> torch.Tensor:
     """flash_attn_varlen_func's contract (packed [total, H, D] and offsets), one row at a time."""
     assert int((cu_q[1:] - cu_q[:-1]).max()) <= max_q
     assert int((cu_k[1:] - cu_k[:-1]).max()) <= max_k
@@ -188,10 +217,17 @@ def test_attention_reaches_transformers_models() -> None:
 
 
 # ---- quantization ------------------------------------------------------------------------
-@pytest.mark.parametrize(("scheme", "dtype", "max_ratio", "min_agree"),
-                         [("int8", "auto", 0.35, 0.97), ("int4", "bfloat16", 0.2, 0.8)])
-def test_weight_only_quantization(llada_cases: dict[str, torch.Tensor], scheme: str,
-                                  dtype: str, max_ratio: float, min_agree: float) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "dtype", "max_ratio", "min_agree"),
+    [("int8", "auto", 0.35, 0.97), ("int4", "bfloat16", 0.2, 0.8)],
+)
+def test_weight_only_quantization(
+    llada_cases: dict[str, torch.Tensor],
+    scheme: str,
+    dtype: str,
+    max_ratio: float,
+    min_agree: float,
+) -> None:
     """Weights shrink, and the next-token argmax mostly agrees with the float32 reference."""
     full = load_model(str(GOLDEN / "llada-tiny"))
     opts = Options(quantization=scheme)
@@ -213,8 +249,9 @@ def test_compile_failure_falls_back_to_eager(llada_cases: dict[str, torch.Tensor
         raise RuntimeError("no C++ compiler here")
 
     loaded = load_model(str(GOLDEN / "llada-tiny"))
-    compiled = accel.CompiledRegions(loaded.model.layers(),
-                                     lambda f: torch.compile(f, backend=broken_backend))
+    compiled = accel.CompiledRegions(
+        loaded.model.layers(), lambda f: torch.compile(f, backend=broken_backend)
+    )
     lines: list[str] = []
     sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
     try:
@@ -255,7 +292,8 @@ def test_shape_buckets_pad_rows_and_length_without_changing_logits(llada: Loaded
     g = torch.Generator().manual_seed(3)
     calls: list[Forward] = [
         full_sequence(torch.randint(0, 400, (n,), generator=g), torch.full((m,), 482))
-        for n, m in ((20, 16), (27, 16), (9, 32))]
+        for n, m in ((20, 16), (27, 16), (9, 32))
+    ]
     plain = runner({"main": llada.model})
     with torch.no_grad():
         want = plain._batched([Call(f) for f in calls])

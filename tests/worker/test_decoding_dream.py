@@ -50,16 +50,25 @@ def test_confidences_by_alg() -> None:
 def test_passes_that_would_commit_nothing_are_not_made() -> None:
     dream = load_model(str(GOLDEN / "dream-tiny"))
     case = json.loads((GOLDEN / "cases" / "shared_dream.json").read_text())["generate"][0]
-    ctx = Context(prompt=torch.tensor(case["prompt_ids"]), settings=settings(alg="entropy"),
-                  mask_id=484, generator=torch.Generator())
+    ctx = Context(
+        prompt=torch.tensor(case["prompt_ids"]),
+        settings=settings(alg="entropy"),
+        mask_id=484,
+        generator=torch.Generator(),
+    )
     # linspace(1, eps, 33): the first step's share of 32 masks truncates to 0 tokens.
     assert drive(strategy_for("dream", "reference")(ctx), {"main": dream.model}) == 31
     assert bool((ctx.canvas != 484).all())
 
 
-@pytest.mark.parametrize("field,kw", [("alg", {"alg": "leftright"}),
-                                      ("alg_temp", {"alg_temp": -1.0}),
-                                      ("cache", {"cache": "prefix"})])
+@pytest.mark.parametrize(
+    "field,kw",
+    [
+        ("alg", {"alg": "leftright"}),
+        ("alg_temp", {"alg_temp": -1.0}),
+        ("cache", {"cache": "prefix"}),
+    ],
+)
 def test_refusals_name_the_field(field: str, kw: dict[str, object]) -> None:
     with pytest.raises(ParamError) as err:
         strategy_for("dream", "reference").check(settings(**kw))

@@ -28,40 +28,50 @@ def dream() -> torch.nn.Module:
 
 def case_id(case: dict[str, Any]) -> str:
     p = case["params"]
-    return (f"{case['cache']}-{p['max_new_tokens']}/{p['block_length']}/{p['threshold']}-"
-            f"{case['task']}-P{len(case['prompt_ids'])}")
+    return (
+        f"{case['cache']}-{p['max_new_tokens']}/{p['block_length']}/{p['threshold']}-"
+        f"{case['task']}-P{len(case['prompt_ids'])}"
+    )
 
 
 def settings(**kw: Any) -> Settings:
-    base: dict[str, Any] = dict(gen_length=32, steps=4, block_length=8, temperature=0.0,
-                                threshold=0.9)
+    base: dict[str, Any] = dict(
+        gen_length=32, steps=4, block_length=8, temperature=0.0, threshold=0.9
+    )
     return Settings(**{**base, **kw})
 
 
 def run_case(model: torch.nn.Module, case: dict[str, Any]) -> tuple[list[int], int]:
     p = case["params"]
-    s = settings(gen_length=p["max_new_tokens"], steps=p["steps"],
-                 block_length=p["block_length"], threshold=p["threshold"],
-                 top_p=p["top_p"] if p["top_p"] is not None else 1.0, top_k=p["top_k"],
-                 cache=case["cache"])
+    s = settings(
+        gen_length=p["max_new_tokens"],
+        steps=p["steps"],
+        block_length=p["block_length"],
+        threshold=p["threshold"],
+        top_p=p["top_p"] if p["top_p"] is not None else 1.0,
+        top_k=p["top_k"],
+        cache=case["cache"],
+    )
     DreamThreshold.check(s)
-    ctx = Context(prompt=torch.tensor(case["prompt_ids"]), settings=s, mask_id=MASK,
-                  generator=torch.Generator())
+    ctx = Context(
+        prompt=torch.tensor(case["prompt_ids"]),
+        settings=s,
+        mask_id=MASK,
+        generator=torch.Generator(),
+    )
     rows = drive(strategy_for("dream", "threshold")(ctx), {"main": model})
     return ctx.canvas.tolist(), rows
 
 
 @pytest.mark.parametrize("case", FIXTURE["fastdllm"], ids=case_id)
-def test_reference_tokens_within_its_passes(dream: torch.nn.Module,
-                                            case: dict[str, Any]) -> None:
+def test_reference_tokens_within_its_passes(dream: torch.nn.Module, case: dict[str, Any]) -> None:
     canvas, rows = run_case(dream, case)
     assert canvas == case["output_ids"]
     assert rows <= case["nfe"]
 
 
 @pytest.mark.parametrize("case", FIXTURE["fastdllm_topk50_default"][::9], ids=case_id)
-def test_a_set_top_k_filters_as_dream_does(dream: torch.nn.Module,
-                                           case: dict[str, Any]) -> None:
+def test_a_set_top_k_filters_as_dream_does(dream: torch.nn.Module, case: dict[str, Any]) -> None:
     canvas, rows = run_case(dream, case)
     assert canvas == case["output_ids"]
     assert rows <= case["nfe"]
@@ -77,8 +87,12 @@ def test_default_steps_follow_the_eval() -> None:
 def test_max_parallel_caps_each_pass(dream: torch.nn.Module, cache: str) -> None:
     case = FIXTURE["fastdllm"][0]
     s = settings(threshold=0.0, cache=cache, max_parallel=2)  # the rule alone takes all
-    ctx = Context(prompt=torch.tensor(case["prompt_ids"]), settings=s, mask_id=MASK,
-                  generator=torch.Generator())
+    ctx = Context(
+        prompt=torch.tensor(case["prompt_ids"]),
+        settings=s,
+        mask_id=MASK,
+        generator=torch.Generator(),
+    )
     per_pass: list[int] = []
     drive(strategy_for("dream", "threshold")(ctx), {"main": dream}, per_pass)
     assert max(per_pass) == 2
@@ -94,13 +108,16 @@ def test_uneven_steps_and_blocks_still_fill_the_canvas(dream: torch.nn.Module) -
         assert bool((ctx.canvas != MASK).all())
 
 
-@pytest.mark.parametrize("field,kw", [
-    ("cache", {"cache": "paged"}),
-    ("threshold", {"threshold": None}),
-    ("cfg_scale", {"cfg_scale": 1.0}),
-    ("remasking", {"remasking": "random"}),
-    ("top_p", {"top_p": 0.0}),
-])
+@pytest.mark.parametrize(
+    "field,kw",
+    [
+        ("cache", {"cache": "paged"}),
+        ("threshold", {"threshold": None}),
+        ("cfg_scale", {"cfg_scale": 1.0}),
+        ("remasking", {"remasking": "random"}),
+        ("top_p", {"top_p": 0.0}),
+    ],
+)
 def test_refusals_name_the_field(field: str, kw: dict[str, Any]) -> None:
     with pytest.raises(ParamError) as err:
         strategy_for("dream", "threshold").check(settings(**kw))

@@ -56,11 +56,14 @@ def test_max_parallel_caps_tokens_per_pass(llada: LoadedModel, cache: str) -> No
     assert bool((ctx.canvas != 482).all())
 
 
-@pytest.mark.parametrize("decoding,field,kw", [
-    ("threshold", "cfg_scale", {"cfg_scale": 1.0}),
-    ("reference", "cfg_scale", {"cache": "dual", "cfg_scale": 2.0}),
-    ("threshold", "cache", {"cache": "paged"}),
-])
+@pytest.mark.parametrize(
+    "decoding,field,kw",
+    [
+        ("threshold", "cfg_scale", {"cfg_scale": 1.0}),
+        ("reference", "cfg_scale", {"cache": "dual", "cfg_scale": 2.0}),
+        ("threshold", "cache", {"cache": "paged"}),
+    ],
+)
 def test_refusals_name_the_field(decoding: str, field: str, kw: dict[str, object]) -> None:
     with pytest.raises(ParamError) as err:
         strategy_for("llada", decoding).check(settings(**kw))
@@ -75,9 +78,13 @@ def test_llada_only_strategies_are_not_offered_for_dream() -> None:
 
 def test_top_k_filters_before_the_gumbel_noise() -> None:
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
-    picked = {int(gumbel_argmax(logits, 50.0, torch.Generator().manual_seed(s), top_k=2))
-              for s in range(40)}
+    picked = {
+        int(gumbel_argmax(logits, 50.0, torch.Generator().manual_seed(s), top_k=2))
+        for s in range(40)
+    }
     assert picked == {1, 2}  # a high temperature reaches both kept tokens, never the others
-    nucleus = {int(gumbel_argmax(logits, 50.0, torch.Generator().manual_seed(s), top_p=0.5))
-               for s in range(40)}
+    nucleus = {
+        int(gumbel_argmax(logits, 50.0, torch.Generator().manual_seed(s), top_p=0.5))
+        for s in range(40)
+    }
     assert nucleus == {1}

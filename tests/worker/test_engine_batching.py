@@ -20,15 +20,20 @@ from vdiff_worker.admission import Defaults
 from vdiff_worker.engine import Engine
 from vdiff_worker.models import load_model
 
-LLADA = [c["prompt_ids"] for c in json.loads(
-    (GOLDEN / "cases" / "shared_llada.json").read_text())["generate"] if "prompt_ids" in c]
-DREAM = [c["prompt_ids"] for c in json.loads(
-    (GOLDEN / "cases" / "shared_dream.json").read_text())["generate"] if "prompt_ids" in c]
+LLADA = [
+    c["prompt_ids"]
+    for c in json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"]
+    if "prompt_ids" in c
+]
+DREAM = [
+    c["prompt_ids"]
+    for c in json.loads((GOLDEN / "cases" / "shared_dream.json").read_text())["generate"]
+    if "prompt_ids" in c
+]
 
 MODES: list[tuple[str, dict[str, Any]]] = [
     ("llada", {"decoding": "reference", "diffusion_steps": 16, "block_length": 8}),
-    ("llada", {"decoding": "reference", "diffusion_steps": 16, "cache": "dual",
-               "block_length": 8}),
+    ("llada", {"decoding": "reference", "diffusion_steps": 16, "cache": "dual", "block_length": 8}),
     ("llada", {"decoding": "threshold", "cache": "none", "block_length": 8}),
     ("llada", {"decoding": "threshold", "cache": "prefix", "block_length": 8}),
     ("llada", {"decoding": "threshold", "cache": "dual", "block_length": 8}),
@@ -56,8 +61,7 @@ class Harness:
         for p in prompts:
             self.count += 1
             ids.append(f"r{self.count}")
-            params = SamplingParams(max_tokens=16, temperature=0.0, eos_early_stop=False,
-                                    **fields)
+            params = SamplingParams(max_tokens=16, temperature=0.0, eos_early_stop=False, **fields)
             self.engine.submit(Generate(ids[-1], "m", prompt_ids=p, stream=False, params=params))
         done: dict[str, list[int]] = {}
         while len(done) < len(ids):
@@ -71,8 +75,9 @@ class Harness:
 def _harness(model: str, verifier: str | None = None) -> Iterator[Harness]:
     outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
     ver = load_model(str(GOLDEN / verifier)).model if verifier else None
-    engine = Engine(load_model(str(GOLDEN / model)), Defaults(), outbox.put, max_num_seqs=8,
-                    verifier=ver)
+    engine = Engine(
+        load_model(str(GOLDEN / model)), Defaults(), outbox.put, max_num_seqs=8, verifier=ver
+    )
     engine.start()
     yield Harness(engine, outbox)
     engine.stop()
@@ -80,17 +85,22 @@ def _harness(model: str, verifier: str | None = None) -> Iterator[Harness]:
 
 @pytest.fixture(scope="module")
 def engines() -> Iterator[dict[str, Harness]]:
-    gens = {"llada": _harness("llada-tiny"), "dream": _harness("dream-tiny", "ar-tiny"),
-            "ar": _harness("ar-tiny")}
+    gens = {
+        "llada": _harness("llada-tiny"),
+        "dream": _harness("dream-tiny", "ar-tiny"),
+        "ar": _harness("ar-tiny"),
+    }
     yield {k: next(g) for k, g in gens.items()}
     for g in gens.values():
         next(g, None)
 
 
-@pytest.mark.parametrize(("kind", "fields"), MODES,
-                         ids=[f"{k}-" + "-".join(map(str, f.values())) for k, f in MODES])
-def test_batched_equals_alone(engines: dict[str, Harness], kind: str,
-                              fields: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    ("kind", "fields"), MODES, ids=[f"{k}-" + "-".join(map(str, f.values())) for k, f in MODES]
+)
+def test_batched_equals_alone(
+    engines: dict[str, Harness], kind: str, fields: dict[str, Any]
+) -> None:
     h = engines[kind]
     prompts = (LLADA if kind == "llada" else DREAM)[:4]
     alone = [h.run([p], **fields)[0] for p in prompts]
@@ -112,20 +122,23 @@ def test_eight_dual_cache_sequences_share_every_call(engines: dict[str, Harness]
 def test_the_default_is_threshold_with_the_dual_cache(engines: dict[str, Harness]) -> None:
     h = engines["llada"]
     fast = h.run(LLADA[:2], block_length=8)
-    assert fast == h.run(LLADA[:2], decoding="threshold", cache="dual", threshold=0.9,
-                         block_length=8)
+    assert fast == h.run(
+        LLADA[:2], decoding="threshold", cache="dual", threshold=0.9, block_length=8
+    )
     calls = h.engine.runner.calls
     h.run(LLADA[:1], block_length=8)
     fast_calls, calls = h.engine.runner.calls - calls, h.engine.runner.calls
     h.run(LLADA[:1], decoding="reference", block_length=8)
     assert fast_calls < h.engine.runner.calls - calls  # parallel: fewer passes than tokens
     # A field only the reference reads selects it rather than being refused.
-    assert h.run(LLADA[:1], diffusion_steps=8) == \
-        h.run(LLADA[:1], decoding="reference", diffusion_steps=8)
+    assert h.run(LLADA[:1], diffusion_steps=8) == h.run(
+        LLADA[:1], decoding="reference", diffusion_steps=8
+    )
 
 
 def test_passes_of_the_busier_model_go_first_and_the_others_wait_one_step(
-        engines: dict[str, Harness]) -> None:
+    engines: dict[str, Harness],
+) -> None:
     engine = engines["dream"].engine
 
     def seq(model: str, waited: bool = False) -> Any:

@@ -16,8 +16,7 @@ from vdiff_worker.models import load_model
 @pytest.fixture(scope="module")
 def engine() -> Engine:
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    e = Engine(load_model(str(GOLDEN / "llada-tiny")), Defaults(block_length=8),
-               inbox.put)
+    e = Engine(load_model(str(GOLDEN / "llada-tiny")), Defaults(block_length=8), inbox.put)
     e.outbox = inbox  # type: ignore[attr-defined]
     e.start()
     return e
@@ -26,8 +25,9 @@ def engine() -> Engine:
 def _run(engine: Engine, stream: bool, n: int = 2) -> list[Message]:
     params = SamplingParams(max_tokens=24, temperature=0.5, seed=5)
     chat = [{"role": "user", "content": "What is 24 + 1?"}]  # golden: "11" at temperature 0
-    engine.submit(Generate(f"r-{stream}", "llada-tiny", messages=chat, params=params, n=n,
-                           stream=stream))
+    engine.submit(
+        Generate(f"r-{stream}", "llada-tiny", messages=chat, params=params, n=n, stream=stream)
+    )
     out: list[Message] = []
     while sum(isinstance(m, Done) for m in out) < n:
         out.append(engine.outbox.get(timeout=60))  # type: ignore[attr-defined]
@@ -35,7 +35,8 @@ def _run(engine: Engine, stream: bool, n: int = 2) -> list[Message]:
 
 
 def test_a_job_without_stream_gets_one_done_per_choice_with_the_whole_answer(
-        engine: Engine) -> None:
+    engine: Engine,
+) -> None:
     streamed, whole = _run(engine, stream=True), _run(engine, stream=False)
     assert all(isinstance(m, Done) for m in whole) and len(whole) == 2
     assert any(isinstance(m, Chunk) for m in streamed)
@@ -51,15 +52,33 @@ def test_a_job_without_stream_gets_one_done_per_choice_with_the_whole_answer(
 def test_a_request_whose_cache_cannot_be_allocated_fails_alone() -> None:
     inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
     # Slots for a million sequences do not fit anywhere: the first cached request finds out.
-    e = Engine(load_model(str(GOLDEN / "llada-tiny")), Defaults(block_length=8), inbox.put,
-               max_num_seqs=1 << 20)
+    e = Engine(
+        load_model(str(GOLDEN / "llada-tiny")),
+        Defaults(block_length=8),
+        inbox.put,
+        max_num_seqs=1 << 20,
+    )
     e.start()
     try:
         ids = [481, 30, 31, 32]
-        e.submit(Generate("cached", "m", prompt_ids=ids, stream=False, params=SamplingParams(
-            max_tokens=8, decoding="threshold", cache="dual")))
-        e.submit(Generate("plain", "m", prompt_ids=ids, stream=False, params=SamplingParams(
-            max_tokens=8, decoding="threshold", cache="none")))
+        e.submit(
+            Generate(
+                "cached",
+                "m",
+                prompt_ids=ids,
+                stream=False,
+                params=SamplingParams(max_tokens=8, decoding="threshold", cache="dual"),
+            )
+        )
+        e.submit(
+            Generate(
+                "plain",
+                "m",
+                prompt_ids=ids,
+                stream=False,
+                params=SamplingParams(max_tokens=8, decoding="threshold", cache="none"),
+            )
+        )
         got = {m.request_id: m for m in (inbox.get(timeout=60) for _ in range(2))}
     finally:
         e.stop()

@@ -49,8 +49,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 @pytest.fixture()
 def logs() -> Iterator[list[str]]:
     lines: list[str] = []
-    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")), level="INFO",
-                      format="{message}")
+    sink = logger.add(lambda m: lines.append(str(m).rstrip("\n")), level="INFO", format="{message}")
     yield lines
     logger.remove(sink)
 
@@ -73,8 +72,12 @@ def test_id_is_served_from_the_cache_under_the_name_typed(offline: Path) -> None
 
 def test_revision_picks_a_branch_or_a_commit(offline: Path) -> None:
     main = add_snapshot(offline, LLADA_ID, checkpoint_files(GOLDEN / "llada-tiny"))
-    v2 = add_snapshot(offline, LLADA_ID, checkpoint_files(
-        GOLDEN / "llada-tiny", max_sequence_length=300), refs=("v2",))
+    v2 = add_snapshot(
+        offline,
+        LLADA_ID,
+        checkpoint_files(GOLDEN / "llada-tiny", max_sequence_length=300),
+        refs=("v2",),
+    )
     assert load_model(LLADA_ID).max_model_len == 512
     assert load_model(LLADA_ID, revision="v2").max_model_len == 300
     assert load_model(LLADA_ID, revision=v2).max_model_len == 300
@@ -89,8 +92,9 @@ def test_download_dir_is_the_cache(offline: Path, tmp_path: Path) -> None:
         load_model(LLADA_ID)  # not in the default cache
 
 
-def test_local_directory_wins_over_an_id(offline: Path, tmp_path: Path,
-                                         monkeypatch: pytest.MonkeyPatch, logs: list[str]) -> None:
+def test_local_directory_wins_over_an_id(
+    offline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: list[str]
+) -> None:
     shutil.copytree(GOLDEN / "llada-tiny", tmp_path / "vdiff-test" / "llada-tiny")
     monkeypatch.chdir(tmp_path)
     loaded = load_model(LLADA_ID, revision="v2")  # nothing cached: the directory is used
@@ -159,7 +163,8 @@ def test_tokenizer_and_verifier_take_ids(offline: Path) -> None:
     add_snapshot(offline, "vdiff-test/tok", checkpoint_files(GOLDEN / "llada-tiny"))
     loaded = load_model(str(GOLDEN / "llada-tiny"), tokenizer_path="vdiff-test/tok")
     assert loaded.tokenizer.encode("2 + 3") == load_model(
-        str(GOLDEN / "llada-tiny")).tokenizer.encode("2 + 3")
+        str(GOLDEN / "llada-tiny")
+    ).tokenizer.encode("2 + 3")
     with pytest.raises(CheckpointError, match="vdiff-test/absent-tok .* not a local directory"):
         load_model(str(GOLDEN / "llada-tiny"), tokenizer_path="vdiff-test/absent-tok")
     with pytest.raises(CheckpointError, match="tokenizer directory /nowhere does not exist"):
@@ -179,7 +184,8 @@ class _Recorder:
 
 
 def test_config_first_then_only_what_the_architecture_reads(
-        offline: Path, monkeypatch: pytest.MonkeyPatch, logs: list[str]) -> None:
+    offline: Path, monkeypatch: pytest.MonkeyPatch, logs: list[str]
+) -> None:
     commit = add_snapshot(offline, LLADA_ID, checkpoint_files(GOLDEN / "llada-tiny"))
     recorder = _Recorder()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recorder)
@@ -197,9 +203,11 @@ def test_config_first_then_only_what_the_architecture_reads(
 
 
 def test_remote_code_is_fetched_for_the_fallback_only_when_trusted(
-        offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files = checkpoint_files(GOLDEN / "ar-tiny", auto_map={
-        "AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"})
+    offline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = checkpoint_files(
+        GOLDEN / "ar-tiny", auto_map={"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    )
     add_snapshot(offline, "vdiff-test/remote", files)
     recorder = _Recorder()
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recorder)
@@ -212,21 +220,47 @@ def test_remote_code_is_fetched_for_the_fallback_only_when_trusted(
 
 def test_patterns_keep_what_the_loader_reads_and_nothing_else() -> None:
     listing = [  # GSAI-ML/LLaDA-8B-Instruct's files, plus the usual extras of other repos
-        ".gitattributes", "README.md", "config.json", "configuration_llada.py",
-        "generation_config.json", "model-00001-of-00006.safetensors",
-        "model-00006-of-00006.safetensors", "model.safetensors.index.json", "modeling_llada.py",
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-        "pytorch_model.bin", "pytorch_model.bin.index.json", "consolidated.pth",
-        "original/consolidated.00.pth", "onnx/model.safetensors", "chat_template.jinja",
-        "tokenizer.model", "merges.txt", "vocab.json", "images/logo.png",
+        ".gitattributes",
+        "README.md",
+        "config.json",
+        "configuration_llada.py",
+        "generation_config.json",
+        "model-00001-of-00006.safetensors",
+        "model-00006-of-00006.safetensors",
+        "model.safetensors.index.json",
+        "modeling_llada.py",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "consolidated.pth",
+        "original/consolidated.00.pth",
+        "onnx/model.safetensors",
+        "chat_template.jinja",
+        "tokenizer.model",
+        "merges.txt",
+        "vocab.json",
+        "images/logo.png",
     ]
-    kept = set(filter_repo_objects(listing, allow_patterns=list(hub.MODEL_FILES),
-                                   ignore_patterns=list(hub.IGNORE)))
+    kept = set(
+        filter_repo_objects(
+            listing, allow_patterns=list(hub.MODEL_FILES), ignore_patterns=list(hub.IGNORE)
+        )
+    )
     assert kept == {
-        "config.json", "generation_config.json", "model-00001-of-00006.safetensors",
-        "model-00006-of-00006.safetensors", "model.safetensors.index.json",
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-        "chat_template.jinja", "tokenizer.model", "merges.txt", "vocab.json",
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00006.safetensors",
+        "model-00006-of-00006.safetensors",
+        "model.safetensors.index.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "tokenizer.model",
+        "merges.txt",
+        "vocab.json",
     }
 
 
@@ -242,27 +276,57 @@ def _hub_error(status: int, url: str, **headers: str) -> Exception:
 API = "https://huggingface.co/api/models/vdiff-test/llada-tiny/revision/main"
 
 
-@pytest.mark.parametrize(("error", "expected"), [
-    (_hub_error(403, API, **{"X-Error-Code": "GatedRepo", "X-Error-Message":
-                             "Access to model vdiff-test/llada-tiny is restricted."}),
-     "vdiff-test/llada-tiny is gated on the Hugging Face Hub: Access to model "
-     "vdiff-test/llada-tiny is restricted. Ask for access at "
-     "https://huggingface.co/vdiff-test/llada-tiny, then give a token that has it in HF_TOKEN"),
-    (_hub_error(404, API, **{"X-Error-Code": "RepoNotFound",
-                             "X-Error-Message": "Repository not found"}),
-     "the Hugging Face Hub has no model vdiff-test/llada-tiny that this token may see: "
-     "Repository not found. Check the id; a private model needs HF_TOKEN"),
-    (_hub_error(404, API, **{"X-Error-Code": "RevisionNotFound",
-                             "X-Error-Message": "Invalid rev id: v9"}),
-     "vdiff-test/llada-tiny has no revision main on the Hugging Face Hub: Invalid rev id: v9"),
-    (LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\n"
-                             "An error happened while trying to locate the files on the Hub"),
-     "and the Hub cannot be reached to download it: Got: ConnectError"),
-    (PermissionError(13, "Permission denied"),
-     "cannot fetch vdiff-test/llada-tiny (revision main) into"),
-])
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (
+            _hub_error(
+                403,
+                API,
+                **{
+                    "X-Error-Code": "GatedRepo",
+                    "X-Error-Message": "Access to model vdiff-test/llada-tiny is restricted.",
+                },
+            ),
+            "vdiff-test/llada-tiny is gated on the Hugging Face Hub: Access to model "
+            "vdiff-test/llada-tiny is restricted. Ask for access at "
+            "https://huggingface.co/vdiff-test/llada-tiny, then give a token that has it in "
+            "HF_TOKEN",
+        ),
+        (
+            _hub_error(
+                404,
+                API,
+                **{"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+            ),
+            "the Hugging Face Hub has no model vdiff-test/llada-tiny that this token may see: "
+            "Repository not found. Check the id; a private model needs HF_TOKEN",
+        ),
+        (
+            _hub_error(
+                404,
+                API,
+                **{"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id: v9"},
+            ),
+            "vdiff-test/llada-tiny has no revision main on the Hugging Face Hub: Invalid rev "
+            "id: v9",
+        ),
+        (
+            LocalEntryNotFoundError(
+                "Got: ConnectError: [Errno -2] Name or service not known\n"
+                "An error happened while trying to locate the files on the Hub"
+            ),
+            "and the Hub cannot be reached to download it: Got: ConnectError",
+        ),
+        (
+            PermissionError(13, "Permission denied"),
+            "cannot fetch vdiff-test/llada-tiny (revision main) into",
+        ),
+    ],
+)
 def test_hub_refusals_are_one_line_with_the_hubs_reason(
-        error: Exception, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    error: Exception, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     def refuse(repo_id: str, **kwargs: Any) -> str:
@@ -276,8 +340,13 @@ def test_hub_refusals_are_one_line_with_the_hubs_reason(
 
 def test_download_progress_is_logged(logs: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     hub.LogProgress.reset()
-    bar = hub.LogProgress(total=2_000_000, desc="Downloading bytes", unit="B", unit_scale=True,
-                          name="huggingface_hub.snapshot_download")
+    bar = hub.LogProgress(
+        total=2_000_000,
+        desc="Downloading bytes",
+        unit="B",
+        unit_scale=True,
+        name="huggingface_hub.snapshot_download",
+    )
     bar.update(500_000)
     bar.refresh()  # within the first interval: a quick download says nothing
     assert not logs and hub.LogProgress.moved
@@ -289,8 +358,10 @@ def test_download_progress_is_logged(logs: list[str], monkeypatch: pytest.Monkey
     files.refresh()  # has not moved: silent
     bar.close()  # closing adds nothing (the library's byte bars close whenever GC runs)
     files.close()
-    assert logs and all(line.startswith("download: Downloading bytes:  50%|#####     | "
-                                        "1.00M/2.00M [") for line in logs), logs
+    assert logs and all(
+        line.startswith("download: Downloading bytes:  50%|#####     | 1.00M/2.00M [")
+        for line in logs
+    ), logs
 
 
 def test_flags_and_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -304,8 +375,11 @@ def test_flags_and_environment_twins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_kubernetes_job_fills_the_cache_the_worker_reads() -> None:
     """The download Job fetches exactly the files a worker resolves, where it resolves them."""
-    docs = {d["kind"]: d for path in ("models.yaml", "worker.yaml")
-            for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / path).read_text())}
+    docs = {
+        d["kind"]: d
+        for path in ("models.yaml", "worker.yaml")
+        for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / path).read_text())
+    }
     job = docs["Job"]["spec"]["template"]["spec"]["containers"][0]
     worker = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     command, args = job["command"], job["args"]
@@ -345,18 +419,28 @@ class _FakeHub(BaseHTTPRequestHandler):
         if path == f"{api}/revision/main":
             self._send(200, json.dumps({"id": self.repo, "sha": self.commit}).encode())
         elif path.startswith(f"{api}/tree/{self.commit}"):
-            tree = [{"type": "file", "path": name, "size": len(data),
-                     "oid": hashlib.sha1(data).hexdigest()} for name, data in self.files.items()]
+            tree = [
+                {
+                    "type": "file",
+                    "path": name,
+                    "size": len(data),
+                    "oid": hashlib.sha1(data).hexdigest(),
+                }
+                for name, data in self.files.items()
+            ]
             self._send(200, json.dumps(tree).encode())
-        elif path.startswith(resolve) and path[len(resolve):] in self.files:
-            name = path[len(resolve):]
+        elif path.startswith(resolve) and path[len(resolve) :] in self.files:
+            name = path[len(resolve) :]
             if self.command == "GET":
                 self.fetched.append(name)
             etag = f'"{hashlib.sha1(self.files[name]).hexdigest()}"'
             self._send(200, self.files[name], ETag=etag, **{"X-Repo-Commit": self.commit})
         else:
-            self._send(404, b"", **{"X-Error-Code": "RepoNotFound",
-                                    "X-Error-Message": "Repository not found"})
+            self._send(
+                404,
+                b"",
+                **{"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+            )
 
     do_HEAD = do_GET
 
@@ -367,23 +451,30 @@ class _FakeHub(BaseHTTPRequestHandler):
 @pytest.fixture()
 def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[_FakeHub]]:
     files = checkpoint_files(GOLDEN / "llada-tiny")
-    files |= {"pytorch_model.bin": b"pickle", "modeling_llada.py": b"raise SystemExit",
-              "onnx/model.safetensors": b"other format", "README.md": b"# llada-tiny"}
+    files |= {
+        "pytorch_model.bin": b"pickle",
+        "modeling_llada.py": b"raise SystemExit",
+        "onnx/model.safetensors": b"other format",
+        "README.md": b"# llada-tiny",
+    }
     _FakeHub.files, _FakeHub.fetched = files, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+    )
     yield _FakeHub
     server.shutdown()
 
 
 def test_download_fetches_only_what_the_loader_reads(
-        fake_hub: type[_FakeHub], offline: Path, logs: list[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_hub: type[_FakeHub], offline: Path, logs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Online (a Hub on loopback): config first, then the rest, never pickles or code."""
     loaded = load_model(fake_hub.repo, trust_remote_code=True)
     assert loaded.name == fake_hub.repo and loaded.kind == "llada"

@@ -9,16 +9,29 @@ from vdiff_worker.models.kvcache import SlotBatch, SlotStore
 
 
 def _store() -> SlotStore:
-    return SlotStore(layers=1, slots=4, kv_heads=2, length=12, head_dim=3,
-                     dtype=torch.float32, device=torch.device("cpu"))
+    return SlotStore(
+        layers=1,
+        slots=4,
+        kv_heads=2,
+        length=12,
+        head_dim=3,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
 
 
 @pytest.mark.parametrize("scatter", [False, True], ids=["slices", "scatter"])
 def test_rows_write_their_real_tokens_at_their_positions(scatter: bool) -> None:
     store = _store()
     # Row 0: slot 3, 2 new tokens at 5 (keys 0..9); row 1: slot 1, 4 new tokens at 0.
-    batch = SlotBatch(store, torch.tensor([3, 1]), torch.tensor([5, 0]), torch.tensor([2, 4]),
-                      torch.tensor([9, 4]), scatter=scatter)
+    batch = SlotBatch(
+        store,
+        torch.tensor([3, 1]),
+        torch.tensor([5, 0]),
+        torch.tensor([2, 4]),
+        torch.tensor([9, 4]),
+        scatter=scatter,
+    )
     k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3) + 1
     keys, values = batch.write_and_read(0, k, -k)
     assert torch.equal(store.keys[0][3, :, 5:7], k[0, :, :2])
@@ -35,8 +48,13 @@ def test_rows_write_their_real_tokens_at_their_positions(scatter: bool) -> None:
 
 def test_consecutive_slots_read_a_view_and_no_mask_when_all_see_all() -> None:
     store = _store()
-    batch = SlotBatch(store, torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([3, 3]),
-                      torch.tensor([6, 6]))
+    batch = SlotBatch(
+        store,
+        torch.tensor([1, 2]),
+        torch.tensor([0, 0]),
+        torch.tensor([3, 3]),
+        torch.tensor([6, 6]),
+    )
     keys, _ = batch.read(0, 6)
     assert keys.data_ptr() == store.keys[0][1].data_ptr()  # a view, no copy
     assert batch.key_mask is None

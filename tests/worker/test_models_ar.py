@@ -72,13 +72,15 @@ def test_cached_passes_of_different_lengths_batch_as_alone(
         full_b = model(torch.tensor([b["prompt_ids"] + b["output_ids"]]))
         cache = slots_for(model, [(1, 0, pa, pa)])
         model(torch.tensor([a["prompt_ids"]]), cache=cache)
-        model(torch.tensor([b["prompt_ids"]]), cache=slots_for(model, [(3, 0, pb, pb)],
-                                                              cache.store))
+        model(
+            torch.tensor([b["prompt_ids"]]), cache=slots_for(model, [(3, 0, pb, pb)], cache.store)
+        )
         # Row 0: a's first 4 answer tokens after its prompt; row 1: b's first 2 (padded).
         ids = torch.zeros(2, 4, dtype=torch.long)
         ids[0], ids[1, :2] = torch.tensor(a["output_ids"][:4]), torch.tensor(b["output_ids"][:2])
-        both = model(ids, cache=slots_for(model, [(1, pa, 4, pa + 4), (3, pb, 2, pb + 2)],
-                                          cache.store))
+        both = model(
+            ids, cache=slots_for(model, [(1, pa, 4, pa + 4), (3, pb, 2, pb + 2)], cache.store)
+        )
     assert (both.logits[0] - full_a.logits[0, pa : pa + 4]).abs().max().item() <= TOL
     assert (both.logits[1, :2] - full_b.logits[0, pb : pb + 2]).abs().max().item() <= TOL
 

@@ -73,6 +73,7 @@ def test_gqa_dual_cache_reproduces_full_forward(
         full = dream.model(ids, cache=cache)
         # Two key/value heads for four query heads: the cache keeps the grouped shape.
         assert cache.store.keys[0].shape[1:] == (2, 256, 32)
-        dual = dream.model(ids[:, p : p + s], cache=slots_for(dream.model, [(0, p, s, n)],
-                                                             cache.store))
+        dual = dream.model(
+            ids[:, p : p + s], cache=slots_for(dream.model, [(0, p, s, n)], cache.store)
+        )
     assert (dual.logits - full.logits[:, p : p + s]).abs().max().item() <= TOL

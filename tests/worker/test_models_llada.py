@@ -65,10 +65,12 @@ def test_prefix_and_dual_cache_reproduce_full_forward(
         cache = slots_for(llada.model, [(1, 0, n, n)])
         full = llada.model(ids, cache=cache)
         assert cache.store.keys[0].shape == (4, 4, 256, 32)
-        prefix = llada.model(ids[:, p:], cache=slots_for(llada.model, [(1, p, n - p, n)],
-                                                        cache.store))
-        dual = llada.model(ids[:, p : p + s], cache=slots_for(llada.model, [(1, p, s, n)],
-                                                             cache.store))
+        prefix = llada.model(
+            ids[:, p:], cache=slots_for(llada.model, [(1, p, n - p, n)], cache.store)
+        )
+        dual = llada.model(
+            ids[:, p : p + s], cache=slots_for(llada.model, [(1, p, s, n)], cache.store)
+        )
     # Prefix cache: keys for the tokens after the block are recomputed, so the whole tail
     # matches; dual cache: the block sees the exact same keys as the full pass.
     assert (prefix.logits - full.logits[:, p:]).abs().max().item() <= TOL
@@ -85,10 +87,12 @@ def test_cached_rows_of_any_slot_length_and_position_batch_as_alone(
         llada.model(a, cache=cache)
         llada.model(b, cache=slots_for(llada.model, [(0, 0, nb, nb)], cache.store))
         # A dual-cache block of a (8 tokens at 20) and a prefix pass of b (from 10 on).
-        alone_a = llada.model(a[:, 20:28], cache=slots_for(llada.model, [(2, 20, 8, na)],
-                                                          cache.store))
-        alone_b = llada.model(b[:, 10:], cache=slots_for(llada.model, [(0, 10, nb - 10, nb)],
-                                                        cache.store))
+        alone_a = llada.model(
+            a[:, 20:28], cache=slots_for(llada.model, [(2, 20, 8, na)], cache.store)
+        )
+        alone_b = llada.model(
+            b[:, 10:], cache=slots_for(llada.model, [(0, 10, nb - 10, nb)], cache.store)
+        )
         width = max(8, nb - 10)
         ids = torch.zeros(2, width, dtype=torch.long)
         ids[0, :8], ids[1, : nb - 10] = a[0, 20:28], b[0, 10:]
@@ -96,8 +100,12 @@ def test_cached_rows_of_any_slot_length_and_position_batch_as_alone(
         pos[0, :8], pos[1, : nb - 10] = torch.arange(20, 28), torch.arange(10, nb)
         heads = torch.zeros(2, width, dtype=torch.bool)
         heads[0, :8], heads[1, : nb - 10] = True, True
-        both = llada.model(ids, position_ids=pos, heads=heads, cache=slots_for(
-            llada.model, [(2, 20, 8, na), (0, 10, nb - 10, nb)], cache.store))
+        both = llada.model(
+            ids,
+            position_ids=pos,
+            heads=heads,
+            cache=slots_for(llada.model, [(2, 20, 8, na), (0, 10, nb - 10, nb)], cache.store),
+        )
     assert both.logits.shape == (8 + nb - 10, alone_a.logits.shape[-1])
     assert (both.logits[:8] - alone_a.logits[0]).abs().max().item() <= TOL
     assert (both.logits[8:] - alone_b.logits[0]).abs().max().item() <= TOL
@@ -106,8 +114,11 @@ def test_cached_rows_of_any_slot_length_and_position_batch_as_alone(
 def test_a_cached_pass_takes_its_key_mask_from_the_cache(llada: LoadedModel) -> None:
     ids = torch.full((1, 6), 481)
     with torch.no_grad(), pytest.raises(ValueError, match="key mask"):
-        llada.model(ids, key_mask=torch.ones(1, 6, dtype=torch.bool),
-                    cache=slots_for(llada.model, [(0, 0, 6, 6)]))
+        llada.model(
+            ids,
+            key_mask=torch.ones(1, 6, dtype=torch.bool),
+            cache=slots_for(llada.model, [(0, 0, 6, 6)]),
+        )
 
 
 def test_fully_masked_row_gives_no_nan(llada: LoadedModel) -> None:

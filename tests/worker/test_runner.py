@@ -35,8 +35,9 @@ def test_cached_and_plain_passes_are_separate_calls(llada: LoadedModel) -> None:
     run = runner({"main": llada.model})
     slots = run.acquire(frozenset({"main"}))
     assert slots is not None
-    cached = full_sequence(torch.full((20,), 481), torch.full((8,), 482), (20, 28),
-                           Cached(write=0, keys=28))
+    cached = full_sequence(
+        torch.full((20,), 481), torch.full((8,), 482), (20, 28), Cached(write=0, keys=28)
+    )
     with torch.no_grad():
         plain = full_sequence(torch.full((20,), 481), torch.full((8,), 482), (20, 28))
         outs = run.run([Call(plain), Call(cached, slots["main"])])
@@ -59,14 +60,16 @@ def test_a_pass_beyond_the_slot_is_refused(llada: LoadedModel) -> None:
     run = runner({"main": llada.model}, max_len=16)
     slots = run.acquire(frozenset({"main"}))
     assert slots is not None
-    call = full_sequence(torch.full((20,), 481), torch.full((4,), 482), (0, 24),
-                         Cached(write=0, keys=24))
+    call = full_sequence(
+        torch.full((20,), 481), torch.full((4,), 482), (0, 24), Cached(write=0, keys=24)
+    )
     with torch.no_grad(), pytest.raises(ValueError, match="beyond the cache"):
         run.run([Call(call, slots["main"])])
 
 
 def test_a_cache_that_cannot_be_allocated_fails_alone_with_a_clear_error(
-        llada: LoadedModel) -> None:
+    llada: LoadedModel,
+) -> None:
     run = runner({"main": llada.model}, slots=1 << 20, max_len=1 << 20)
     with pytest.raises(CacheMemoryError, match="lower --max-num-seqs"):
         run.acquire(frozenset({"main"}))

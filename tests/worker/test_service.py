@@ -43,9 +43,12 @@ def test_a_frame_meant_for_a_gateway_is_counted_and_dropped() -> None:
     service = WorkerService(cast(Engine, engine), [], "w", ModelInfo("m", 64))
     link = Link(address="tcp://gateway:1", chan=cast(transport.Channel, None))
     try:
-        for msg in (Chunk("r", 0, "hi", [1]), Register(version=protocol.PROTOCOL_VERSION,
-                                                        worker_id="x", models=[], capacity=1),
-                    Tokens("r"), Goodbye("g")):
+        for msg in (
+            Chunk("r", 0, "hi", [1]),
+            Register(version=protocol.PROTOCOL_VERSION, worker_id="x", models=[], capacity=1),
+            Tokens("r"),
+            Goodbye("g"),
+        ):
             service._on_message(0, link, protocol.encode(msg))
         assert service.frames.rejected == 4 and not engine.submitted
         service._on_message(0, link, protocol.encode(Generate("r", "m", prompt="hi")))

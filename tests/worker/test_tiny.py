@@ -28,8 +28,14 @@ from vdiff_worker.tiny.train import (
     task_stream,
 )
 
-LLADA_FILES = {"config.json", "generation_config.json", "model.safetensors",
-               "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}
+LLADA_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 # The shipped weights answer 54 of these 64 held-out prompts (bench/accuracy.py's settings:
 # canvas 32, one block); the floor leaves room for two answers flipped by the float noise of
 # other CPUs, not for a worse model.
@@ -60,8 +66,9 @@ def test_llada_layout(tiny: LoadedModel) -> None:
         names = list(f.keys())
     assert names and all(n.startswith("model.transformer.") for n in names)
     assert tiny.kind == "llada" and tiny.name == "vdiff-tiny"
-    assert tiny.mask_token_id == tiny.tokenizer.token_to_id("<|mdm_mask|>") == \
-        config["mask_token_id"]
+    assert (
+        tiny.mask_token_id == tiny.tokenizer.token_to_id("<|mdm_mask|>") == config["mask_token_id"]
+    )
     assert tiny.tokenizer.token_to_id("<|endoftext|>") == config["eos_token_id"]
     assert tiny.tokenizer.token_to_id("<|eot_id|>") in tiny.tokenizer.stop_token_ids
 
@@ -72,8 +79,9 @@ def test_verifier_is_a_qwen2_causal_lm_on_the_same_tokenizer(
     config = json.loads((VERIFIER_DIR / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
     assert verifier.kind == "ar"
-    assert (VERIFIER_DIR / "tokenizer.json").read_text() == \
-        (MODEL_DIR / "tokenizer.json").read_text()
+    assert (VERIFIER_DIR / "tokenizer.json").read_text() == (
+        MODEL_DIR / "tokenizer.json"
+    ).read_text()
     text = "What is 12 + 30? Sort the numbers: 5 17 3. Zebra!\n"
     assert verifier.tokenizer.encode(text) == tiny.tokenizer.encode(text)
 
@@ -85,8 +93,9 @@ def test_shipped_size_fits_the_budget() -> None:
 
 def test_package_data_ships_every_model_file() -> None:
     # tomllib is Python 3.11+; the line is simple enough to read directly.
-    line = re.search(r'^"vdiff_worker\.tiny" = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(),
-                     re.MULTILINE)
+    line = re.search(
+        r'^"vdiff_worker\.tiny" = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE
+    )
     assert line is not None
     patterns = re.findall(r'"([^"]+)"', line.group(1))
     tiny_root = MODEL_DIR.parent
@@ -110,8 +119,7 @@ def test_tokenizer_is_rebuilt_exactly_and_round_trips(tiny: LoadedModel) -> None
     # Any other text falls back to characters, and decoding drops the number padding.
     for text in ("Hello, Zebra!", "12345 + 7 = 12352"):
         assert tok.decode(tok.encode(text)) == text
-    assert {tok.token_to_id(s) for s in SPECIALS} == set(range(tok.vocab_size - 6,
-                                                               tok.vocab_size))
+    assert {tok.token_to_id(s) for s in SPECIALS} == set(range(tok.vocab_size - 6, tok.vocab_size))
 
 
 def test_training_rendering_is_the_chat_template(tiny: LoadedModel) -> None:
@@ -158,7 +166,8 @@ def test_serve_without_model_answers_with_vdiff_tiny(default_server: Server) -> 
     assert [m.id for m in client.models.list().data] == ["vdiff-tiny"]
     # The server's defaults: a 128-token canvas in 32-token blocks, reference decoding.
     out = client.chat.completions.create(
-        model="vdiff-tiny", messages=[{"role": "user", "content": "What is 12 + 30?"}])
+        model="vdiff-tiny", messages=[{"role": "user", "content": "What is 12 + 30?"}]
+    )
     assert out.choices[0].message.content == "42"
     assert out.choices[0].finish_reason == "stop"
 
@@ -166,8 +175,10 @@ def test_serve_without_model_answers_with_vdiff_tiny(default_server: Server) -> 
 def test_apd_uses_the_built_in_verifier(default_server: Server) -> None:
     client = openai.OpenAI(base_url=default_server.url, api_key="unused", max_retries=0)
     out = client.chat.completions.create(
-        model="vdiff-tiny", messages=[{"role": "user", "content": "What is 12 + 30?"}],
-        extra_body={"decoding": "apd"})
+        model="vdiff-tiny",
+        messages=[{"role": "user", "content": "What is 12 + 30?"}],
+        extra_body={"decoding": "apd"},
+    )
     assert out.choices[0].message.content == "42"
     # Drafting several tokens a round: fewer passes (draft + verify) than canvas tokens.
     assert out.usage is not None

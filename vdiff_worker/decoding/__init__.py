@@ -11,8 +11,17 @@ from vdiff_worker.decoding.fastdllm import Factor, Threshold
 from vdiff_worker.decoding.llada import LLaDAReference
 from vdiff_worker.decoding.model_generate import ModelGenerate
 
-_ALL: list[type[Strategy]] = [LLaDAReference, Threshold, Factor, DreamReference, APD,
-                               LLaDAAPD, Autoregressive, ModelGenerate, DreamThreshold]
+_ALL: list[type[Strategy]] = [
+    LLaDAReference,
+    Threshold,
+    Factor,
+    DreamReference,
+    APD,
+    LLaDAAPD,
+    Autoregressive,
+    ModelGenerate,
+    DreamThreshold,
+]
 
 
 def strategy_for(kind: str, name: str) -> type[Strategy]:
@@ -20,5 +29,8 @@ def strategy_for(kind: str, name: str) -> type[Strategy]:
         if cls.name == name and kind in cls.kinds:
             return cls
     names = sorted({c.name for c in _ALL if kind in c.kinds})
-    raise ParamError("decoding", f"decoding '{name}' is not available for {kind} models; "
-                                 f"available: {', '.join(names) or 'none'}")
+    raise ParamError(
+        "decoding",
+        f"decoding '{name}' is not available for {kind} models; "
+        f"available: {', '.join(names) or 'none'}",
+    )

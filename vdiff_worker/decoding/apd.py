@@ -52,18 +52,24 @@ class APD(Strategy):
     # Output index of the prediction for canvas position g is g - shift: Dream predicts the
     # next token (as the AR model it was initialised from), LLaDA the token at the position.
     shift: ClassVar[int] = 1
-    fields = frozenset({"apd_mixture_weight", "apd_kv_window", "apd_max_lookahead", "top_p",
-                        "top_k"})
+    fields = frozenset(
+        {"apd_mixture_weight", "apd_kv_window", "apd_max_lookahead", "top_p", "top_k"}
+    )
 
     @classmethod
     def check(cls, s: Settings) -> None:
         if "verifier" not in s.models:
-            raise ParamError("decoding", "decoding 'apd' needs a verifier model; this server "
-                                         "was started without --enable-apd --apd-verifier DIR")
+            raise ParamError(
+                "decoding",
+                "decoding 'apd' needs a verifier model; this server "
+                "was started without --enable-apd --apd-verifier DIR",
+            )
         if not 0.0 <= s.apd_mixture_weight <= 1.0:
             raise ParamError("apd_mixture_weight", "apd_mixture_weight must be within [0, 1]")
-        for field, value in (("apd_kv_window", s.apd_kv_window),
-                             ("apd_max_lookahead", s.apd_max_lookahead)):
+        for field, value in (
+            ("apd_kv_window", s.apd_kv_window),
+            ("apd_max_lookahead", s.apd_max_lookahead),
+        ):
             if value is not None and value < 1:
                 raise ParamError(field, f"{field} must be at least 1")
         if s.cfg_scale > 0.0:
@@ -71,8 +77,7 @@ class APD(Strategy):
         if s.cache != "none":
             raise ParamError("cache", "APD keeps its own caches; use apd_kv_window")
         if s.remasking != "low_confidence":
-            raise ParamError("remasking", "APD commits left to right; 'remasking' does not "
-                                          "apply")
+            raise ParamError("remasking", "APD commits left to right; 'remasking' does not apply")
 
     def cached_models(self) -> frozenset[str]:
         window = self.ctx.settings.apd_kv_window is not None
@@ -97,31 +102,37 @@ class APD(Strategy):
                 input_ids=seq[left:].unsqueeze(0),
                 position_ids=torch.arange(left, P + right, device=device).unsqueeze(0),
                 logits=span,
-                cached=Cached(write=left, keys=P + right) if window is not None else None)
+                cached=Cached(write=left, keys=P + right) if window is not None else None,
+            )
             dllm = out.logits[0]
-            draft = gumbel_argmax(filter_logits(dllm, s.temperature, s.top_p, s.top_k),
-                                  s.temperature, ctx.generator)
+            draft = gumbel_argmax(
+                filter_logits(dllm, s.temperature, s.top_p, s.top_k), s.temperature, ctx.generator
+            )
             # The verifier's slot holds prompt + committed prefix; it scores the draft.
             if carry is None:
                 ids = torch.cat([ctx.prompt, ctx.canvas[:cur], draft])
-                vout = yield Forward(input_ids=ids.unsqueeze(0),
-                                     position_ids=torch.arange(P + right,
-                                                               device=device).unsqueeze(0),
-                                     logits=(P + cur - 1, P + right - 1), model="verifier",
-                                     cached=Cached(write=0, keys=P + right))
+                vout = yield Forward(
+                    input_ids=ids.unsqueeze(0),
+                    position_ids=torch.arange(P + right, device=device).unsqueeze(0),
+                    logits=(P + cur - 1, P + right - 1),
+                    model="verifier",
+                    cached=Cached(write=0, keys=P + right),
+                )
                 verifier = vout.logits[0]
             else:
-                vout = yield Forward(input_ids=draft.unsqueeze(0),
-                                     position_ids=torch.arange(P + cur, P + right,
-                                                               device=device).unsqueeze(0),
-                                     logits=(0, right - cur - 1), model="verifier",
-                                     cached=Cached(write=P + cur, keys=P + right))
+                vout = yield Forward(
+                    input_ids=draft.unsqueeze(0),
+                    position_ids=torch.arange(P + cur, P + right, device=device).unsqueeze(0),
+                    logits=(0, right - cur - 1),
+                    model="verifier",
+                    cached=Cached(write=P + cur, keys=P + right),
+                )
                 verifier = torch.cat([carry.unsqueeze(0), vout.logits[0]])
             n = accepted(draft, dllm, verifier, s.apd_mixture_weight)
             if s.max_parallel is not None:
                 n = min(n, s.max_parallel)
             carry = verifier[n] if n < verifier.shape[0] else verifier[-1]
-            ctx.canvas[cur:cur + n] = draft[:n]
+            ctx.canvas[cur : cur + n] = draft[:n]
             cur, last = cur + n, n
 
 

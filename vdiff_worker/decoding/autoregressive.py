@@ -44,12 +44,16 @@ class Autoregressive(Strategy):
         P = ctx.prompt.numel()
         ids = ctx.prompt.unsqueeze(0)
         pos = torch.arange(P, device=ids.device).unsqueeze(0)
-        out = yield Forward(input_ids=ids, position_ids=pos, logits=(P - 1, P),
-                            cached=Cached(write=0, keys=P))
+        out = yield Forward(
+            input_ids=ids, position_ids=pos, logits=(P - 1, P), cached=Cached(write=0, keys=P)
+        )
         for i in range(s.gen_length):
             tok = sample(out.logits[0, -1], s, ctx.generator)
             ctx.canvas[i] = tok
             if i + 1 == s.gen_length:
                 return
-            out = yield Forward(input_ids=tok.view(1, 1), position_ids=pos.new_tensor([[P + i]]),
-                                cached=Cached(write=P + i, keys=P + i + 1))
+            out = yield Forward(
+                input_ids=tok.view(1, 1),
+                position_ids=pos.new_tensor([[P + i]]),
+                cached=Cached(write=P + i, keys=P + i + 1),
+            )

@@ -20,8 +20,9 @@ from vdiff_common.protocol import SamplingParams
 from vdiff_worker.models.base import ModelOutput
 
 # Fields every strategy honours (the engine and Sequence apply the stop and length ones).
-UNIVERSAL = frozenset({"max_tokens", "temperature", "seed", "stop", "stop_token_ids", "decoding",
-                       "eos_early_stop"})
+UNIVERSAL = frozenset(
+    {"max_tokens", "temperature", "seed", "stop", "stop_token_ids", "decoding", "eos_early_stop"}
+)
 
 
 class ParamError(ValueError):
@@ -98,8 +99,9 @@ class Context:
     canvas: Tensor = field(init=False)  # [gen_length] long: the answer being denoised
 
     def __post_init__(self) -> None:
-        self.canvas = torch.full((self.settings.gen_length,), self.mask_id, dtype=torch.long,
-                                 device=self.prompt.device)
+        self.canvas = torch.full(
+            (self.settings.gen_length,), self.mask_id, dtype=torch.long, device=self.prompt.device
+        )
 
 
 Steps = Generator[Forward, ModelOutput, None]
@@ -134,8 +136,9 @@ class Strategy(abc.ABC):
             if name in UNIVERSAL or name in cls.fields:
                 continue
             if getattr(params, name) != getattr(neutral, name):
-                raise ParamError(name, f"'{name}' does not apply to decoding '{cls.name}' on "
-                                       f"{kind} models")
+                raise ParamError(
+                    name, f"'{name}' does not apply to decoding '{cls.name}' on {kind} models"
+                )
 
     @classmethod
     def check(cls, s: Settings) -> None:
@@ -147,8 +150,12 @@ class Strategy(abc.ABC):
         """Denoise ``ctx.canvas`` in place, yielding each model call."""
 
 
-def full_sequence(prompt: Tensor, canvas: Tensor, logits: tuple[int, int] | None = None,
-                  cached: Cached | None = None) -> Forward:
+def full_sequence(
+    prompt: Tensor,
+    canvas: Tensor,
+    logits: tuple[int, int] | None = None,
+    cached: Cached | None = None,
+) -> Forward:
     """A pass over prompt + canvas, positions from 0."""
     ids = torch.cat([prompt, canvas]).unsqueeze(0)
     pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
@@ -173,8 +180,13 @@ def top_filtered(logits: Tensor, top_p: float, top_k: int | None) -> Tensor:
     return logits
 
 
-def gumbel_argmax(logits: Tensor, temperature: float, gen: torch.Generator,
-                  top_p: float = 1.0, top_k: int | None = None) -> Tensor:
+def gumbel_argmax(
+    logits: Tensor,
+    temperature: float,
+    gen: torch.Generator,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+) -> Tensor:
     """The noisy argmax of LLaDA, Fast-dLLM and APD: exp(l) / (-log u)^T in float64, over
     the logits that top_p / top_k leave.
 

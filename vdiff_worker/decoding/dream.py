@@ -24,8 +24,7 @@ EPS = 1e-3
 DEFAULT_TOP_K = 50
 
 
-def filter_logits(logits: Tensor, temperature: float, top_p: float,
-                  top_k: int | None) -> Tensor:
+def filter_logits(logits: Tensor, temperature: float, top_p: float, top_k: int | None) -> Tensor:
     """Dream's temperature scaling, then nucleus and top-k filtering (to the dtype's min)."""
     if temperature > 0.0:
         logits = logits / temperature
@@ -44,8 +43,13 @@ def filter_logits(logits: Tensor, temperature: float, top_p: float,
     return logits
 
 
-def sample_tokens(logits: Tensor, s: Settings, gen: torch.Generator,
-                  alg: str = "maskgit_plus", top_k: int | None = None) -> tuple[Tensor, Tensor]:
+def sample_tokens(
+    logits: Tensor,
+    s: Settings,
+    gen: torch.Generator,
+    alg: str = "maskgit_plus",
+    top_k: int | None = None,
+) -> tuple[Tensor, Tensor]:
     """Dream's ``sample_tokens``: (confidence, token) per row, confidence by `alg`."""
     probs = torch.softmax(filter_logits(logits, s.temperature, s.top_p, top_k), dim=-1)
     if s.temperature > 0.0:
@@ -75,8 +79,11 @@ class DreamReference(Strategy):
         if s.cfg_scale > 0.0:
             raise ParamError("cfg_scale", "Dream's sampler has no classifier-free guidance")
         if s.cache != "none":
-            raise ParamError("cache", "Dream's reference sampler has no cache; use "
-                                      "decoding 'threshold' or 'factor' on a LLaDA model")
+            raise ParamError(
+                "cache",
+                "Dream's reference sampler has no cache; use "
+                "decoding 'threshold' or 'factor' on a LLaDA model",
+            )
         if s.remasking != "low_confidence":
             raise ParamError("remasking", "Dream chooses positions by 'alg', not 'remasking'")
 
@@ -114,8 +121,7 @@ class DreamReference(Strategy):
         x0 = torch.full((logits.shape[0],), ctx.mask_id, dtype=torch.long, device=logits.device)
         go = torch.rand(x0.shape, generator=ctx.generator, device=x0.device) < p_transfer
         if bool(go.any()):
-            x0[go] = sample_tokens(logits[go], ctx.settings, ctx.generator,
-                                   top_k=self.top_k())[1]
+            x0[go] = sample_tokens(logits[go], ctx.settings, ctx.generator, top_k=self.top_k())[1]
         ctx.canvas[masked] = x0
 
     def _ranked(self, logits: Tensor, masked: Tensor, n: int) -> None:

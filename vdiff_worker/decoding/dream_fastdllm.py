@@ -46,8 +46,7 @@ CACHES = ("none", "prefix", "dual")
 class DreamThreshold(Strategy):
     name = "threshold"
     kinds = ("dream",)
-    fields = frozenset({"block_length", "cache", "threshold", "diffusion_steps", "top_p",
-                        "top_k"})
+    fields = frozenset({"block_length", "cache", "threshold", "diffusion_steps", "top_p", "top_k"})
 
     @classmethod
     def check(cls, s: Settings) -> None:
@@ -56,8 +55,9 @@ class DreamThreshold(Strategy):
         if s.threshold is None:
             raise ParamError("threshold", "decoding 'threshold' needs a threshold")
         if s.cfg_scale > 0.0:
-            raise ParamError("cfg_scale", "Dream's Fast-dLLM sampler has no classifier-free "
-                                          "guidance")
+            raise ParamError(
+                "cfg_scale", "Dream's Fast-dLLM sampler has no classifier-free guidance"
+            )
         if s.remasking != "low_confidence":
             raise ParamError("remasking", "Dream's Fast-dLLM sampler ranks by confidence only")
         check_filters(s)
@@ -104,8 +104,9 @@ class DreamThreshold(Strategy):
                 continue
             # The full pass refreshes the slot and commits the block's first position
             # unconditionally, from the prediction at input P + start - 1.
-            out = yield full_sequence(ctx.prompt, ctx.canvas, (P + start - 1, P + start),
-                                      Cached(write=0, keys=P + N))
+            out = yield full_sequence(
+                ctx.prompt, ctx.canvas, (P + start - 1, P + start), Cached(write=0, keys=P + N)
+            )
             _, x0 = sample_tokens(out.logits[0], s, ctx.generator, top_k=s.top_k)
             ctx.canvas[start] = x0[0]
             stop = end if s.cache == "dual" else N
@@ -115,19 +116,29 @@ class DreamThreshold(Strategy):
                 # block reads output g - start - 1 of this pass.
                 ids = ctx.canvas[start:stop].unsqueeze(0)
                 pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
-                out = yield Forward(input_ids=ids, position_ids=pos, logits=(0, end - start - 1),
-                                    cached=Cached(write=P + start, keys=P + N))
+                out = yield Forward(
+                    input_ids=ids,
+                    position_ids=pos,
+                    logits=(0, end - start - 1),
+                    cached=Cached(write=P + start, keys=P + N),
+                )
                 # Ranked over the pass's span (the block and, with prefix, all after it, -inf
                 # outside the block), as the reference lays it out.
-                self._commit(out.logits[0], start + 1, end,
-                             int((ctx.canvas[start:end] == ctx.mask_id).sum()),
-                             origin=start, length=stop - start)
+                self._commit(
+                    out.logits[0],
+                    start + 1,
+                    end,
+                    int((ctx.canvas[start:end] == ctx.mask_id).sum()),
+                    origin=start,
+                    length=stop - start,
+                )
 
     def _masked(self, start: int, end: int) -> bool:
         return bool((self.ctx.canvas[start:end] == self.ctx.mask_id).any())
 
-    def _commit(self, logits: Tensor, start: int, end: int, target: int, origin: int,
-                length: int) -> int:
+    def _commit(
+        self, logits: Tensor, start: int, end: int, target: int, origin: int, length: int
+    ) -> int:
         """Among the masks of canvas [start, end), whose predictions `logits` holds, take the
         `target` most confident; commit the first and those of the rest at or above the
         threshold. Returns how many were committed.
@@ -140,13 +151,13 @@ class DreamThreshold(Strategy):
         masked = span == ctx.mask_id
         conf, x0 = sample_tokens(logits[masked], s, ctx.generator, top_k=s.top_k)
         ranked = conf.new_full((length,), -torch.inf)
-        ranked[start - origin:end - origin][masked] = conf
+        ranked[start - origin : end - origin][masked] = conf
         values, order = torch.topk(ranked, target)
         # A tensor-scalar comparison in the confidences' dtype: the threshold rounds to it.
         keep = values >= s.threshold
         keep[0] = True
         if s.max_parallel is not None:
-            keep[s.max_parallel:] = False
+            keep[s.max_parallel :] = False
         chosen = order[keep] + origin - start
         tokens = torch.full_like(span, ctx.mask_id)
         tokens[masked] = x0

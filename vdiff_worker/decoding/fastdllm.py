@@ -47,8 +47,9 @@ CACHES = ("none", "prefix", "dual")
 Rule = Callable[[Tensor, int], Tensor]
 
 
-def confidences(logits: Tensor, canvas: Tensor, eligible: Tensor, s: Settings,
-                gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def confidences(
+    logits: Tensor, canvas: Tensor, eligible: Tensor, s: Settings, gen: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Fast-dLLM's candidate tokens and their confidences (-inf where not eligible)."""
     x0 = gumbel_argmax(logits, s.temperature, gen, s.top_p, s.top_k)
     if s.remasking == "low_confidence":
@@ -85,8 +86,9 @@ def factor_rule(factor: float) -> Rule:
     def rule(conf: Tensor, step: int) -> Tensor:
         n = int(torch.isfinite(conf).sum())
         ranked = torch.sort(conf[torch.isfinite(conf)], descending=True).values
-        bars = 1.0 - factor / (torch.arange(1, n + 1, dtype=torch.float64,
-                                            device=conf.device) + 1.0)
+        bars = 1.0 - factor / (
+            torch.arange(1, n + 1, dtype=torch.float64, device=conf.device) + 1.0
+        )
         bars[0] = -1.0
         below = (ranked < bars).nonzero()
         k = int(below[0]) if below.numel() else n - 1
@@ -111,8 +113,11 @@ class BlockDecoder(Strategy, abc.ABC):
         if s.remasking not in ("low_confidence", "random"):
             raise ParamError("remasking", "remasking must be 'low_confidence' or 'random'")
         if s.cfg_scale > 0.0:
-            raise ParamError("cfg_scale", f"decoding '{cls.name}' has no classifier-free "
-                                          "guidance; use decoding 'reference' without a cache")
+            raise ParamError(
+                "cfg_scale",
+                f"decoding '{cls.name}' has no classifier-free "
+                "guidance; use decoding 'reference' without a cache",
+            )
         check_filters(s)
 
     @abc.abstractmethod
@@ -148,17 +153,23 @@ class BlockDecoder(Strategy, abc.ABC):
             while self._masked(start, end):
                 ids = ctx.canvas[start:stop].unsqueeze(0)
                 pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
-                out = yield Forward(input_ids=ids, position_ids=pos, logits=(0, end - start),
-                                    cached=Cached(write=P + start, keys=P + N))
-                self._commit(out.logits[0], start, end, rule, step, origin=start,
-                             length=stop - start)
+                out = yield Forward(
+                    input_ids=ids,
+                    position_ids=pos,
+                    logits=(0, end - start),
+                    cached=Cached(write=P + start, keys=P + N),
+                )
+                self._commit(
+                    out.logits[0], start, end, rule, step, origin=start, length=stop - start
+                )
                 step += 1
 
     def _masked(self, start: int, end: int) -> bool:
         return bool((self.ctx.canvas[start:end] == self.ctx.mask_id).any())
 
-    def _commit(self, logits: Tensor, start: int, end: int, rule: Rule, step: int,
-                origin: int, length: int) -> None:
+    def _commit(
+        self, logits: Tensor, start: int, end: int, rule: Rule, step: int, origin: int, length: int
+    ) -> None:
         """Commit the rule's choice among the masks of the block [start, end), whose
         positions `logits` cover. The rule ranks a vector as the reference lays it out
         (`length` slots from canvas position `origin`; -inf where not eligible), so that
@@ -168,7 +179,7 @@ class BlockDecoder(Strategy, abc.ABC):
         eligible = span == ctx.mask_id
         x0, conf = confidences(logits, span, eligible, ctx.settings, ctx.generator)
         ranked = conf.new_full((length,), -torch.inf)
-        ranked[start - origin:end - origin] = conf
+        ranked[start - origin : end - origin] = conf
         chosen = rule(ranked, step) + origin - start
         cap = self.cap()
         if cap is not None:

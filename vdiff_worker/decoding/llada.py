@@ -32,8 +32,9 @@ def guided(fwd_logits: Tensor, cfg_scale: float) -> Tensor:
     return uncond + (cfg_scale + 1.0) * (cond - uncond)
 
 
-def model_call(prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float,
-               logits: tuple[int, int]) -> Forward:
+def model_call(
+    prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float, logits: tuple[int, int]
+) -> Forward:
     """A pass over prompt + canvas; with CFG a second row has the prompt masked."""
     x = torch.cat([prompt, canvas]).unsqueeze(0)
     if cfg_scale > 0.0:
@@ -47,8 +48,9 @@ def model_call(prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float,
 class LLaDAReference(Strategy):
     name = "reference"
     kinds = ("llada",)
-    fields = frozenset({"diffusion_steps", "block_length", "remasking", "cfg_scale", "cache",
-                        "top_p", "top_k"})
+    fields = frozenset(
+        {"diffusion_steps", "block_length", "remasking", "cfg_scale", "cache", "top_p", "top_k"}
+    )
 
     @classmethod
     def check(cls, s: Settings) -> None:
@@ -76,8 +78,9 @@ class LLaDAReference(Strategy):
             for k in transfer_schedule(n_masked, per_block):
                 if k == 0:
                     continue  # the reference spends a pass that changes nothing here
-                out = yield model_call(ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale,
-                                       (P + start, P + end))
+                out = yield model_call(
+                    ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale, (P + start, P + end)
+                )
                 logits = guided(out.logits, s.cfg_scale)
                 x0 = gumbel_argmax(logits, s.temperature, ctx.generator, s.top_p, s.top_k)
                 if s.remasking == "low_confidence":
@@ -88,6 +91,6 @@ class LLaDAReference(Strategy):
                 block = ctx.canvas[start:end]
                 # Rank over prompt + canvas, as the reference does, so ties break alike.
                 full = conf.new_full((P + s.gen_length,), -torch.inf)
-                full[P + start:P + end] = torch.where(block == ctx.mask_id, conf, -torch.inf)
+                full[P + start : P + end] = torch.where(block == ctx.mask_id, conf, -torch.inf)
                 chosen = torch.topk(full, k).indices - P - start
                 block[chosen] = x0[chosen]

@@ -23,8 +23,11 @@ class ModelGenerate(Strategy):
         # generator, so neither a request temperature nor a seed would mean what it says.
         for name in ("temperature", "seed"):
             if getattr(params, name) is not None:
-                raise ParamError(name, f"'{name}' does not apply to {kind} models: their own "
-                                       "generate sets the sampling schedule")
+                raise ParamError(
+                    name,
+                    f"'{name}' does not apply to {kind} models: their own "
+                    "generate sets the sampling schedule",
+                )
 
     def run(self) -> Steps:
         ctx = self.ctx

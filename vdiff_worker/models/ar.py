@@ -33,8 +33,11 @@ class CausalLM(nn.Module):
         cfg: Any = self.hf.config
         text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
         heads = text.num_attention_heads
-        return KVShape(text.num_hidden_layers, getattr(text, "num_key_value_heads", heads),
-                       getattr(text, "head_dim", None) or text.hidden_size // heads)
+        return KVShape(
+            text.num_hidden_layers,
+            getattr(text, "num_key_value_heads", heads),
+            getattr(text, "head_dim", None) or text.hidden_size // heads,
+        )
 
     def forward(
         self,
@@ -60,8 +63,11 @@ class CausalLM(nn.Module):
             for layer in range(self.kv_shape().layers):
                 kv.update(*cache.read(layer, past), layer)
         col = torch.arange(past + length, device=input_ids.device)
-        seen = torch.where(col[None, :] < past, col[None, :] < cache.start[:, None],
-                           col[None, :] - past < cache.lengths[:, None])
+        seen = torch.where(
+            col[None, :] < past,
+            col[None, :] < cache.start[:, None],
+            col[None, :] - past < cache.lengths[:, None],
+        )
         if not bool(seen.all()):
             mask = seen
         if position_ids is None:

@@ -140,8 +140,13 @@ def fetch(snapshot: Snapshot, files: Sequence[str], progress: bool = True) -> Sn
     if progress and LogProgress.moved:
         logger.info("downloaded {} in {:.1f} s", found.repo_id, time.monotonic() - started)
     if snapshot.path is None:  # said once, when the revision is first resolved
-        logger.info("{} (revision {}, commit {}) is {}", found.repo_id, found.revision,
-                    found.commit[:12], found.path)
+        logger.info(
+            "{} (revision {}, commit {}) is {}",
+            found.repo_id,
+            found.revision,
+            found.commit[:12],
+            found.path,
+        )
     return found
 
 
@@ -158,11 +163,13 @@ def check_complete(snapshot: Snapshot, weights: bool = True) -> None:
     shards: set[str] = set()
     if weights and index.is_file():
         try:
-            shards = {str(s) for s in json.loads(index.read_text(encoding="utf-8"))
-                      ["weight_map"].values()}
+            shards = {
+                str(s) for s in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+            }
         except (ValueError, KeyError, AttributeError, TypeError) as exc:
-            raise CheckpointError(f"{snapshot.repo_id}: {index} is not a valid safetensors "
-                                  f"index: {exc}") from exc
+            raise CheckpointError(
+                f"{snapshot.repo_id}: {index} is not a valid safetensors index: {exc}"
+            ) from exc
     elif weights and not any(root.glob("*.safetensors")):
         raise CheckpointError(
             f"{snapshot.repo_id} (revision {snapshot.revision}) has no safetensors weights; "
@@ -230,30 +237,40 @@ def _explain(err: Exception, snapshot: Snapshot) -> str:
     reason = _one_line(err)
     cache = snapshot.download_dir or constants.HF_HUB_CACHE
     if isinstance(err, GatedRepoError):
-        return (f"{repo} is gated on the Hugging Face Hub: {reason}. Ask for access at "
-                f"https://huggingface.co/{repo}, then give a token that has it in HF_TOKEN")
+        return (
+            f"{repo} is gated on the Hugging Face Hub: {reason}. Ask for access at "
+            f"https://huggingface.co/{repo}, then give a token that has it in HF_TOKEN"
+        )
     if isinstance(err, RepositoryNotFoundError):
-        return (f"{repo} is not a local directory, and the Hugging Face Hub has no model "
-                f"{repo} that this token may see: {reason}. Check the id; a private model "
-                "needs HF_TOKEN")
+        return (
+            f"{repo} is not a local directory, and the Hugging Face Hub has no model "
+            f"{repo} that this token may see: {reason}. Check the id; a private model "
+            "needs HF_TOKEN"
+        )
     if isinstance(err, RevisionNotFoundError):
         return f"{repo} has no revision {rev} on the Hugging Face Hub: {reason}"
     if isinstance(err, IncompleteSnapshotError):
         return f"{repo}: {reason} {_how_to_fetch(snapshot)}"
     if isinstance(err, LocalEntryNotFoundError):
-        where = f"{repo} (revision {rev}) is not a local directory and not in the " \
-                f"Hugging Face cache {cache}"
+        where = (
+            f"{repo} (revision {rev}) is not a local directory and not in the "
+            f"Hugging Face cache {cache}"
+        )
         if constants.is_offline_mode():
             return f"{where}, and HF_HUB_OFFLINE forbids downloading it. {_how_to_fetch(snapshot)}"
-        return (f"{where}, and the Hub cannot be reached to download it: {reason}. Check the "
-                f"network (HF_ENDPOINT, proxies), or {_hf_download(snapshot)} elsewhere")
+        return (
+            f"{where}, and the Hub cannot be reached to download it: {reason}. Check the "
+            f"network (HF_ENDPOINT, proxies), or {_hf_download(snapshot)} elsewhere"
+        )
     return f"cannot fetch {repo} (revision {rev}) into {cache}: {reason}"
 
 
 def _how_to_fetch(snapshot: Snapshot) -> str:
     if constants.is_offline_mode():
-        return (f"Fetch it where the Hub is reachable: {_hf_download(snapshot)}; or unset "
-                "HF_HUB_OFFLINE and vdiff downloads it")
+        return (
+            f"Fetch it where the Hub is reachable: {_hf_download(snapshot)}; or unset "
+            "HF_HUB_OFFLINE and vdiff downloads it"
+        )
     return f"Fetch it again: {_hf_download(snapshot)}"
 
 

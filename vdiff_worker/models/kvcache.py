@@ -24,8 +24,16 @@ KVPair = tuple[Tensor, Tensor]
 class SlotStore:
     """Per layer, keys and values of ``slots`` sequences of up to ``length`` positions."""
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        kv_heads: int,
+        length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         shape = (slots, kv_heads, length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -71,35 +79,43 @@ class SlotBatch:
             col = torch.arange(width, device=self.slots.device)
             valid = col[None, :] < self.lengths[:, None]  # [B, L]: real new tokens
             rows = torch.arange(self.slots.numel(), device=self.slots.device)
-            self._src = (rows[:, None].expand_as(valid)[valid],
-                         col[None, :].expand_as(valid)[valid])
-            self._dst = (self.slots[:, None].expand_as(valid)[valid],
-                         (self.start[:, None] + col[None, :])[valid])
+            self._src = (
+                rows[:, None].expand_as(valid)[valid],
+                col[None, :].expand_as(valid)[valid],
+            )
+            self._dst = (
+                self.slots[:, None].expand_as(valid)[valid],
+                (self.start[:, None] + col[None, :])[valid],
+            )
         else:
-            self._slices = list(zip(self.slots.tolist(), self.start.tolist(),
-                                    self.lengths.tolist()))
+            self._slices = list(
+                zip(self.slots.tolist(), self.start.tolist(), self.lengths.tolist())
+            )
         self.span = int(self.keys.max())
         if self.span > self.store.length:
-            raise ValueError(f"a pass reaches position {self.span}, beyond the cache's "
-                             f"{self.store.length}")
-        contiguous = torch.arange(int(self.slots[0]), int(self.slots[0]) + self.slots.numel(),
-                                  device=self.slots.device)
+            raise ValueError(
+                f"a pass reaches position {self.span}, beyond the cache's {self.store.length}"
+            )
+        contiguous = torch.arange(
+            int(self.slots[0]), int(self.slots[0]) + self.slots.numel(), device=self.slots.device
+        )
         # Rows in consecutive slots read a view of the store; others gather a copy.
         self._first = int(self.slots[0]) if torch.equal(self.slots, contiguous) else None
         # [B, K], or None when every row attends to all of them: an unmasked call runs the
         # same kernel a lone pass does.
         self.key_mask: Tensor | None = None
         if bool((self.keys < self.span).any()):
-            self.key_mask = torch.arange(self.span, device=self.slots.device)[None, :] < \
-                self.keys[:, None]
+            self.key_mask = (
+                torch.arange(self.span, device=self.slots.device)[None, :] < self.keys[:, None]
+            )
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
         ks, vs = self.store.keys[layer], self.store.values[layer]
         if not self.scatter:
             for row, (slot, start, n) in enumerate(self._slices):
-                ks[slot, :, start:start + n] = k[row, :, :n]
-                vs[slot, :, start:start + n] = v[row, :, :n]
+                ks[slot, :, start : start + n] = k[row, :, :n]
+                vs[slot, :, start : start + n] = v[row, :, :n]
             return
         ks[self._dst[0], :, self._dst[1]] = k.transpose(1, 2)[self._src]
         vs[self._dst[0], :, self._dst[1]] = v.transpose(1, 2)[self._src]
@@ -115,5 +131,6 @@ class SlotBatch:
         if self._first is not None:
             rows = slice(self._first, self._first + self.slots.numel())
             return ks[rows, :, :span], vs[rows, :, :span]
-        return ks[:, :, :span].index_select(0, self.slots), \
-            vs[:, :, :span].index_select(0, self.slots)
+        return ks[:, :, :span].index_select(0, self.slots), vs[:, :, :span].index_select(
+            0, self.slots
+        )

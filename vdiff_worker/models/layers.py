@@ -153,8 +153,16 @@ def flash_attention(
     lengths = keep.sum(dim=-1, dtype=torch.int32)
     cu_k = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
     cu_q = torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=q.device)
-    out = varlen(qt.reshape(batch * length, heads, dim), kt[keep], vt[keep], cu_q, cu_k,
-                 length, kt.shape[1], causal=False)
+    out = varlen(
+        qt.reshape(batch * length, heads, dim),
+        kt[keep],
+        vt[keep],
+        cu_q,
+        cu_k,
+        length,
+        kt.shape[1],
+        causal=False,
+    )
     return out.view(batch, length, heads, dim).transpose(1, 2)
 
 

@@ -149,16 +149,21 @@ def load_model(
 ) -> LoadedModel:
     """Load ``path``: a checkpoint directory, or a Hugging Face id at ``revision`` (cached
     in ``download_dir``, by default huggingface_hub's cache)."""
-    source = hub.locate(path, files=hub.CONFIG_FILES, revision=revision,
-                        download_dir=download_dir)
+    source = hub.locate(path, files=hub.CONFIG_FILES, revision=revision, download_dir=download_dir)
     if source.repo_id is None and revision:
-        logger.warning("--revision {} applies to Hugging Face ids; {} is a local directory, "
-                       "served as it is", revision, path)
+        logger.warning(
+            "--revision {} applies to Hugging Face ids; {} is a local directory, served as it is",
+            revision,
+            path,
+        )
     cfg = read_config(source.root)
     kind = detect_kind(cfg, trust_remote_code)
     if trust_remote_code and kind in _KINDS:
-        logger.info("--trust-remote-code: {} is built in, so the checkpoint's own code is "
-                    "neither downloaded nor run", kind)
+        logger.info(
+            "--trust-remote-code: {} is built in, so the checkpoint's own code is "
+            "neither downloaded nor run",
+            kind,
+        )
     if source.repo_id is not None:
         remote = kind == "ar" and trust_remote_code and bool(cfg.get("auto_map"))
         files = (*hub.MODEL_FILES, *(hub.REMOTE_CODE_FILES if remote else ()))
@@ -205,8 +210,9 @@ def _tokenizer_root(spec: str | None, root: Path, download_dir: str | None) -> P
     """
     if spec is None:
         return root
-    source = hub.locate(spec, files=hub.TOKENIZER_FILES, download_dir=download_dir,
-                        what="tokenizer")
+    source = hub.locate(
+        spec, files=hub.TOKENIZER_FILES, download_dir=download_dir, what="tokenizer"
+    )
     if source.repo_id is not None:
         hub.check_complete(source, weights=False)
     return source.root

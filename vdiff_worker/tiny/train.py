@@ -86,15 +86,31 @@ PRE_TOKENIZE = rf" ?[A-Za-z]+| ?[0-9{DIGIT_PAD}]| ?[^A-Za-z0-9\s{DIGIT_PAD}]|\n+
 # Seeds of the data streams; none may equal HELD_OUT_SEED.
 VOCAB_SEED, VALID_SEED = 1, 2
 # Arithmetic, sorting and comparison need far more examples than recall and copying.
-KIND_WEIGHTS = {"add": 3.0, "sub": 3.0, "sort": 2.0, "max": 2.0, "count": 2.0,
-                "reverse": 1.0, "repeat": 1.0, "capital": 1.0}
+KIND_WEIGHTS = {
+    "add": 3.0,
+    "sub": 3.0,
+    "sort": 2.0,
+    "max": 2.0,
+    "count": 2.0,
+    "reverse": 1.0,
+    "repeat": 1.0,
+    "capital": 1.0,
+}
 # There are only 20 capital questions, so every one of them is in any held-out suite: that
 # kind measures recall, not generalisation, and is the one kind not filtered.
 UNFILTERED_KINDS = frozenset({"capital"})
 # The polish stage: where the diffusion model trails its verifier after the main stage, the
 # kinds whose answer length must be counted out (repeat, count) and sorting.
-POLISH_WEIGHTS = {"add": 1.0, "sub": 1.0, "sort": 2.0, "max": 1.0, "count": 3.0,
-                  "reverse": 1.0, "repeat": 3.0, "capital": 0.5}
+POLISH_WEIGHTS = {
+    "add": 1.0,
+    "sub": 1.0,
+    "sort": 2.0,
+    "max": 1.0,
+    "count": 3.0,
+    "reverse": 1.0,
+    "repeat": 3.0,
+    "capital": 0.5,
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,7 @@ class Arch:
 
 
 # ---- tokenizer ---------------------------------------------------------------------------
+
 
 def number_padding() -> normalizers.Normalizer:
     """Left-pad every 1- to 3-digit number to NUMBER_WIDTH places with DIGIT_PAD."""
@@ -151,19 +168,32 @@ def build_tokenizer() -> RawTokenizer:
 def save_tokenizer(tok: RawTokenizer, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
     added = {
-        str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False,
-                                  "rstrip": False, "single_word": False, "special": True}
+        str(tok.token_to_id(s)): {
+            "content": s,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for s in SPECIALS
     }
     config = {
-        "added_tokens_decoder": added, "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
-        "clean_up_tokenization_spaces": False, "model_max_length": Arch.max_len,
-        "tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
-        "add_eos_token": False, "chat_template": CHAT_TEMPLATE,
+        "added_tokens_decoder": added,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": Arch.max_len,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "chat_template": CHAT_TEMPLATE,
     }
     _write_json(out / "tokenizer_config.json", config)
-    _write_json(out / "special_tokens_map.json",
-                {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS})
+    _write_json(
+        out / "special_tokens_map.json", {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS}
+    )
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -190,11 +220,14 @@ class Ids:
 
 def render_chat(prompt: str) -> str:
     """CHAT_TEMPLATE for one user turn, as text: tokenizing it is fast in batches."""
-    return (f"{BOS}{START_HEADER}user{END_HEADER}\n\n{prompt.strip()}{EOT}"
-            f"{START_HEADER}assistant{END_HEADER}\n\n")
+    return (
+        f"{BOS}{START_HEADER}user{END_HEADER}\n\n{prompt.strip()}{EOT}"
+        f"{START_HEADER}assistant{END_HEADER}\n\n"
+    )
 
 
 # ---- data --------------------------------------------------------------------------------
+
 
 def excluded_prompts() -> frozenset[str]:
     """The held-out suite at every size up to 100 per kind (sizes change the draws), and the
@@ -208,8 +241,9 @@ def validation_tasks(n_per_kind: int = 12) -> list[Task]:
     return suite(n_per_kind=n_per_kind, seed=VALID_SEED)
 
 
-def task_stream(seed: int, excluded: frozenset[str],
-                kind_weights: dict[str, float] | None = None) -> Iterator[Task]:
+def task_stream(
+    seed: int, excluded: frozenset[str], kind_weights: dict[str, float] | None = None
+) -> Iterator[Task]:
     r = random.Random(seed)
     table = kind_weights or KIND_WEIGHTS
     kinds, weights = list(table), list(table.values())
@@ -233,8 +267,15 @@ class Batches:
     A batch holds about ``batch_size`` x 48 tokens: long canvases come in fewer rows, so every
     step costs about the same."""
 
-    def __init__(self, tok: RawTokenizer, ids: Ids, seed: int, batch_size: int,
-                 excluded: frozenset[str], kind_weights: dict[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        tok: RawTokenizer,
+        ids: Ids,
+        seed: int,
+        batch_size: int,
+        excluded: frozenset[str],
+        kind_weights: dict[str, float] | None = None,
+    ) -> None:
         self.tok, self.ids, self.batch_size = tok, ids, batch_size
         self.tasks = task_stream(seed, excluded, kind_weights)
         self.r = random.Random(seed + 1)
@@ -245,8 +286,9 @@ class Batches:
         if canvas is not None:
             rows = max(8, min(rows, rows * 48 // (28 + canvas)))
         tasks = [next(self.tasks) for _ in range(rows)]
-        prompts = self.tok.encode_batch([render_chat(t.prompt) for t in tasks],
-                                        add_special_tokens=False)
+        prompts = self.tok.encode_batch(
+            [render_chat(t.prompt) for t in tasks], add_special_tokens=False
+        )
         answers = self.tok.encode_batch([t.answer for t in tasks], add_special_tokens=False)
         pairs = [(p.ids, [*a.ids, self.ids.eot]) for p, a in zip(prompts, answers)]
         width = max(len(p) + len(a) for p, a in pairs) + 1
@@ -266,40 +308,81 @@ class Batches:
 
 # ---- models ------------------------------------------------------------------------------
 
+
 def ar_config(arch: Arch, ids: Ids) -> Qwen2Config:
     return Qwen2Config(
-        vocab_size=ids.vocab_size, hidden_size=arch.d_model, intermediate_size=arch.mlp_hidden,
-        num_hidden_layers=arch.n_layers, num_attention_heads=arch.n_heads,
-        num_key_value_heads=arch.n_heads, max_position_embeddings=arch.max_len,
+        vocab_size=ids.vocab_size,
+        hidden_size=arch.d_model,
+        intermediate_size=arch.mlp_hidden,
+        num_hidden_layers=arch.n_layers,
+        num_attention_heads=arch.n_heads,
+        num_key_value_heads=arch.n_heads,
+        max_position_embeddings=arch.max_len,
         rope_parameters={"rope_theta": arch.rope_theta, "rope_type": "default"},
-        rms_norm_eps=arch.rms_norm_eps, tie_word_embeddings=False, bos_token_id=ids.bos,
-        eos_token_id=ids.eos, pad_token_id=ids.eos, architectures=["Qwen2ForCausalLM"])
+        rms_norm_eps=arch.rms_norm_eps,
+        tie_word_embeddings=False,
+        bos_token_id=ids.bos,
+        eos_token_id=ids.eos,
+        pad_token_id=ids.eos,
+        architectures=["Qwen2ForCausalLM"],
+    )
 
 
 def llada_config(arch: Arch, ids: Ids) -> dict[str, Any]:
     """config.json with LLaDA-8B-Instruct's keys (and remote-code names vdiff never runs)."""
     return {
-        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
-        "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0,
-        "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
-        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
-                     "AutoModel": "modeling_llada.LLaDAModelLM",
-                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
-        "d_model": arch.d_model, "embedding_dropout": 0.0, "embedding_size": ids.vocab_size,
-        "eos_token_id": ids.eos, "flash_attention": False, "include_bias": False,
+        "activation_type": "silu",
+        "alibi": False,
+        "alibi_bias_max": 8.0,
+        "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0,
+        "attention_layer_norm": False,
+        "attention_layer_norm_with_affine": True,
+        "auto_map": {
+            "AutoConfig": "configuration_llada.LLaDAConfig",
+            "AutoModel": "modeling_llada.LLaDAModelLM",
+            "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
+        },
+        "bias_for_layer_norm": False,
+        "block_group_size": 1,
+        "block_type": "llama",
+        "d_model": arch.d_model,
+        "embedding_dropout": 0.0,
+        "embedding_size": ids.vocab_size,
+        "eos_token_id": ids.eos,
+        "flash_attention": False,
+        "include_bias": False,
         # Carries the verifier's q/k/v biases, which initialise this model.
-        "include_qkv_bias": True, "init_cutoff_factor": None, "init_device": "cpu",
-        "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False,
-        "layer_norm_type": "rms", "layer_norm_with_affine": True, "mask_token_id": ids.mask,
-        "max_sequence_length": arch.max_len, "mlp_hidden_size": arch.mlp_hidden,
-        "mlp_ratio": arch.mlp_hidden // arch.d_model, "model_type": "llada",
-        "multi_query_attention": None, "n_heads": arch.n_heads, "n_kv_heads": arch.n_heads,
-        "n_layers": arch.n_layers, "pad_token_id": ids.eos, "precision": "amp_bf16",
-        "residual_dropout": 0.0, "rms_norm_eps": arch.rms_norm_eps, "rope": True,
-        "rope_full_precision": True, "rope_theta": arch.rope_theta, "scale_logits": False,
-        "torch_dtype": "float32", "transformers_version": "4.54.0", "use_cache": False,
-        "vocab_size": ids.vocab_size, "weight_tying": False,
+        "include_qkv_bias": True,
+        "init_cutoff_factor": None,
+        "init_device": "cpu",
+        "init_fn": "mitchell",
+        "init_std": 0.02,
+        "input_emb_norm": False,
+        "layer_norm_type": "rms",
+        "layer_norm_with_affine": True,
+        "mask_token_id": ids.mask,
+        "max_sequence_length": arch.max_len,
+        "mlp_hidden_size": arch.mlp_hidden,
+        "mlp_ratio": arch.mlp_hidden // arch.d_model,
+        "model_type": "llada",
+        "multi_query_attention": None,
+        "n_heads": arch.n_heads,
+        "n_kv_heads": arch.n_heads,
+        "n_layers": arch.n_layers,
+        "pad_token_id": ids.eos,
+        "precision": "amp_bf16",
+        "residual_dropout": 0.0,
+        "rms_norm_eps": arch.rms_norm_eps,
+        "rope": True,
+        "rope_full_precision": True,
+        "rope_theta": arch.rope_theta,
+        "scale_logits": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.54.0",
+        "use_cache": False,
+        "vocab_size": ids.vocab_size,
+        "weight_tying": False,
     }
 
 
@@ -309,14 +392,18 @@ _AR_TO_LLADA = {
     "model.norm.weight": "model.transformer.ln_f.weight",
     "lm_head.weight": "model.transformer.ff_out.weight",
     "model.layers.{i}.input_layernorm.weight": "model.transformer.blocks.{i}.attn_norm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight":
-        "model.transformer.blocks.{i}.ff_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": (
+        "model.transformer.blocks.{i}.ff_norm.weight"
+    ),
     "model.layers.{i}.self_attn.o_proj.weight": "model.transformer.blocks.{i}.attn_out.weight",
     "model.layers.{i}.mlp.gate_proj.weight": "model.transformer.blocks.{i}.ff_proj.weight",
     "model.layers.{i}.mlp.up_proj.weight": "model.transformer.blocks.{i}.up_proj.weight",
     "model.layers.{i}.mlp.down_proj.weight": "model.transformer.blocks.{i}.ff_out.weight",
-    **{f"model.layers.{{i}}.self_attn.{p}_proj.{w}": f"model.transformer.blocks.{{i}}.{p}_proj.{w}"
-       for p in "qkv" for w in ("weight", "bias")},
+    **{
+        f"model.layers.{{i}}.self_attn.{p}_proj.{w}": f"model.transformer.blocks.{{i}}.{p}_proj.{w}"
+        for p in "qkv"
+        for w in ("weight", "bias")
+    },
 }
 
 
@@ -348,6 +435,7 @@ def share_space_variants(model: Qwen2ForCausalLM, tok: RawTokenizer) -> None:
 
 # ---- objectives --------------------------------------------------------------------------
 
+
 def ar_loss(model: Qwen2ForCausalLM, b: Batch, step: int = 0) -> Tensor:
     """Next-token loss on the answer, <|eot_id|> and one <|endoftext|>."""
     logits = model(input_ids=b.input_ids).logits[:, :-1].float()
@@ -357,8 +445,9 @@ def ar_loss(model: Qwen2ForCausalLM, b: Batch, step: int = 0) -> Tensor:
     return F.cross_entropy(logits[keep], target[keep])
 
 
-def mdm_loss(model: LLaDAModel, b: Batch, mask_id: int, gen: torch.Generator,
-             future_share: float = 1.0) -> Tensor:
+def mdm_loss(
+    model: LLaDAModel, b: Batch, mask_id: int, gen: torch.Generator, future_share: float = 1.0
+) -> Tensor:
     """LLaDA's SFT loss: mask the answer region at ratio t, weight masked tokens by 1/t,
     normalise by the region's length. t is stratified over the batch to cut variance.
 
@@ -394,46 +483,58 @@ def forward_with_mask(model: LLaDAModel, ids: Tensor, allowed: Tensor) -> Tensor
 
 # ---- evaluation (vdiff's own sampler, in-process) -------------------------------------------
 
+
 @torch.no_grad()
-def llada_decode(model: nn.Module, prompts: list[list[int]], mask_id: int, gen_length: int,
-                 block_length: int) -> list[list[int]]:
+def llada_decode(
+    model: nn.Module, prompts: list[list[int]], mask_id: int, gen_length: int, block_length: int
+) -> list[list[int]]:
     """LLaDA ``generate`` at temperature 0, one token per step, through vdiff's sampler.
 
     The prompts run in lockstep as one right-padded batch (padded keys masked, as the
     engine batches them); the settings are shared, so every run makes the same calls."""
-    settings = Settings(gen_length=gen_length, steps=gen_length, block_length=block_length,
-                        temperature=0.0)
-    ctxs = [Context(prompt=torch.tensor(p), settings=settings, mask_id=mask_id,
-                    generator=torch.Generator()) for p in prompts]
+    settings = Settings(
+        gen_length=gen_length, steps=gen_length, block_length=block_length, temperature=0.0
+    )
+    ctxs = [
+        Context(
+            prompt=torch.tensor(p), settings=settings, mask_id=mask_id, generator=torch.Generator()
+        )
+        for p in prompts
+    ]
     runs = [LLaDAReference(c).run() for c in ctxs]
     calls = {i: next(r) for i, r in enumerate(runs)}
     while calls:
         width = max(int(c.input_ids.shape[1]) for c in calls.values())
         lengths = [int(c.input_ids.shape[1]) for c in calls.values()]
-        ids = torch.stack([F.pad(c.input_ids[0], (0, width - n), value=mask_id)
-                           for c, n in zip(calls.values(), lengths)])
+        ids = torch.stack(
+            [
+                F.pad(c.input_ids[0], (0, width - n), value=mask_id)
+                for c, n in zip(calls.values(), lengths)
+            ]
+        )
         pos = torch.arange(width).expand(len(calls), width)
         keys = pos < torch.tensor(lengths)[:, None]
         logits = model(ids, position_ids=pos, key_mask=keys).logits
         for row, i in enumerate(list(calls)):
             lo, hi = calls[i].span
             try:
-                calls[i] = runs[i].send(ModelOutput(logits=logits[row:row + 1, lo:hi]))
+                calls[i] = runs[i].send(ModelOutput(logits=logits[row : row + 1, lo:hi]))
             except StopIteration:
                 del calls[i]
     return [[int(t) for t in c.canvas] for c in ctxs]
 
 
 @torch.no_grad()
-def ar_decode(model: Qwen2ForCausalLM, prompt: list[int], stop: frozenset[int],
-              max_new: int = 16) -> list[int]:
+def ar_decode(
+    model: Qwen2ForCausalLM, prompt: list[int], stop: frozenset[int], max_new: int = 16
+) -> list[int]:
     ids = list(prompt)
     for _ in range(max_new):
         nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
         ids.append(nxt)
         if nxt in stop:
             break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def answer_text(tok: RawTokenizer, out: Sequence[int], stop: frozenset[int]) -> str:
@@ -456,6 +557,7 @@ def fmt(acc: dict[str, float]) -> str:
 
 # ---- training loops ----------------------------------------------------------------------
 
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -463,10 +565,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: nn.Module, loss_fn: Any, batches: Batches, steps: int, peak_lr: float,
-          evaluate: Any, eval_every: int, label: str, long_canvas: bool) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98),
-                            weight_decay=0.01)
+def train(
+    model: nn.Module,
+    loss_fn: Any,
+    batches: Batches,
+    steps: int,
+    peak_lr: float,
+    evaluate: Any,
+    eval_every: int,
+    label: str,
+    long_canvas: bool,
+) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), weight_decay=0.01)
     t0, smooth = time.monotonic(), 0.0
     for step in range(steps):
         for group in opt.param_groups:
@@ -484,22 +594,28 @@ def train(model: nn.Module, loss_fn: Any, batches: Batches, steps: int, peak_lr:
         value = float(loss.detach())
         smooth = 0.98 * smooth + 0.02 * value if step else value
         if (step + 1) % 50 == 0:
-            print(f"[{label}] step {step + 1}/{steps} loss {smooth:.4f} "
-                  f"{time.monotonic() - t0:.0f}s", flush=True)
+            print(
+                f"[{label}] step {step + 1}/{steps} loss {smooth:.4f} {time.monotonic() - t0:.0f}s",
+                flush=True,
+            )
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             model.eval()
-            print(f"[{label}] eval @ {step + 1}: {evaluate(model)} "
-                  f"{time.monotonic() - t0:.0f}s", flush=True)
+            print(
+                f"[{label}] eval @ {step + 1}: {evaluate(model)} {time.monotonic() - t0:.0f}s",
+                flush=True,
+            )
 
 
 # ---- saving ------------------------------------------------------------------------------
 
+
 def save_common(out: Path, tok: RawTokenizer, ids: Ids) -> None:
     out.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, out)
-    _write_json(out / "generation_config.json",
-                {"bos_token_id": ids.bos, "eos_token_id": [ids.eos, ids.eot],
-                 "pad_token_id": ids.eos})
+    _write_json(
+        out / "generation_config.json",
+        {"bos_token_id": ids.bos, "eos_token_id": [ids.eos, ids.eot], "pad_token_id": ids.eos},
+    )
 
 
 def save_llada(model: LLaDAModel, cfg: dict[str, Any], out: Path) -> None:
@@ -510,29 +626,42 @@ def save_llada(model: LLaDAModel, cfg: dict[str, Any], out: Path) -> None:
 
 # ---- main --------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=HERE, help="writes OUT/vdiff-tiny{,-ar}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--ar-steps", type=int, default=2000)
     ap.add_argument("--mdm-steps", type=int, default=5000)
-    ap.add_argument("--anneal-steps", type=int, default=500,
-                    help="diffusion steps over which attention goes from causal to full")
+    ap.add_argument(
+        "--anneal-steps",
+        type=int,
+        default=500,
+        help="diffusion steps over which attention goes from causal to full",
+    )
     ap.add_argument("--ar-lr", type=float, default=2e-3)
     ap.add_argument("--mdm-lr", type=float, default=1e-3)
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--stage", choices=["main", "polish"], default="main",
-                    help="main: the verifier, then vdiff-tiny from it; polish: continue "
-                         "OUT/vdiff-tiny on POLISH_WEIGHTS (run it after main)")
+    ap.add_argument(
+        "--stage",
+        choices=["main", "polish"],
+        default="main",
+        help="main: the verifier, then vdiff-tiny from it; polish: continue "
+        "OUT/vdiff-tiny on POLISH_WEIGHTS (run it after main)",
+    )
     ap.add_argument("--polish-steps", type=int, default=2000)
     ap.add_argument("--polish-lr", type=float, default=3e-4)
     args = ap.parse_args(argv)
     # The task streams of the stages; the held-out prompts are filtered out besides.
-    streams = {"ar": args.seed * 1000 + 11, "mdm": args.seed * 1000 + 22,
-               "polish": args.seed * 1000 + 33}
+    streams = {
+        "ar": args.seed * 1000 + 11,
+        "mdm": args.seed * 1000 + 22,
+        "polish": args.seed * 1000 + 33,
+    }
     if set(streams.values()) & {HELD_OUT_SEED, VALID_SEED, VOCAB_SEED}:
         ap.error("this --seed draws training data from a held-out or validation seed")
     torch.set_num_threads(args.threads)
@@ -548,11 +677,15 @@ def main(argv: list[str] | None = None) -> None:
     check_template(mdm_dir, tok)
     excluded = excluded_prompts()
     valid = validation_tasks()
-    valid_prompts = [e.ids for e in tok.encode_batch([render_chat(t.prompt) for t in valid],
-                                                     add_special_tokens=False)]
+    valid_prompts = [
+        e.ids
+        for e in tok.encode_batch([render_chat(t.prompt) for t in valid], add_special_tokens=False)
+    ]
     stop = frozenset({ids.eos, ids.eot})
-    print(f"vocabulary {ids.vocab_size}, {len(excluded)} held-out/validation prompts excluded",
-          flush=True)
+    print(
+        f"vocabulary {ids.vocab_size}, {len(excluded)} held-out/validation prompts excluded",
+        flush=True,
+    )
 
     def eval_ar(m: nn.Module) -> str:
         assert isinstance(m, Qwen2ForCausalLM)
@@ -563,32 +696,54 @@ def main(argv: list[str] | None = None) -> None:
 
     def eval_mdm(m: nn.Module) -> str:
         assert isinstance(m, LLaDAModel)
-        short = [answer_text(tok, out, stop)
-                 for out in llada_decode(m, valid_prompts, ids.mask, 32, 32)]
+        short = [
+            answer_text(tok, out, stop) for out in llada_decode(m, valid_prompts, ids.mask, 32, 32)
+        ]
         # The server's defaults (128-token canvas, 32-token blocks) on a twelfth of the set.
         sub = list(range(0, len(valid), 12))
-        long = [answer_text(tok, out, stop) for out in
-                llada_decode(m, [valid_prompts[i] for i in sub], ids.mask, 128, 32)]
+        long = [
+            answer_text(tok, out, stop)
+            for out in llada_decode(m, [valid_prompts[i] for i in sub], ids.mask, 128, 32)
+        ]
         # Saved at every evaluation, so a run stopped early leaves its latest model.
         save_llada(m, cfg, mdm_dir)
-        return (f"canvas32 {fmt(accuracy(tok, valid, short))} | canvas128 "
-                f"{fmt(accuracy(tok, [valid[i] for i in sub], long))}")
+        return (
+            f"canvas32 {fmt(accuracy(tok, valid, short))} | canvas128 "
+            f"{fmt(accuracy(tok, [valid[i] for i in sub], long))}"
+        )
 
     t0 = time.monotonic()
     if args.stage == "polish":
         polished = LLaDAModel(LLaDAConfig.from_dict(cfg))
         polished.load_state_dict(load_file(str(mdm_dir / "model.safetensors")), strict=True)
         batches = Batches(tok, ids, streams["polish"], args.batch_size, excluded, POLISH_WEIGHTS)
-        train(polished, lambda m, b, step: mdm_loss(m, b, ids.mask, gen), batches,
-              args.polish_steps, args.polish_lr, eval_mdm, args.eval_every, "polish",
-              long_canvas=True)
+        train(
+            polished,
+            lambda m, b, step: mdm_loss(m, b, ids.mask, gen),
+            batches,
+            args.polish_steps,
+            args.polish_lr,
+            eval_mdm,
+            args.eval_every,
+            "polish",
+            long_canvas=True,
+        )
         save_llada(polished, cfg, mdm_dir)
         print(f"saved {mdm_dir}; total {time.monotonic() - t0:.0f}s", flush=True)
         return
     ar = Qwen2ForCausalLM(ar_config(arch, ids))
     share_space_variants(ar, tok)
-    train(ar, ar_loss, Batches(tok, ids, streams["ar"], args.batch_size, excluded),
-          args.ar_steps, args.ar_lr, eval_ar, args.eval_every, "ar", long_canvas=False)
+    train(
+        ar,
+        ar_loss,
+        Batches(tok, ids, streams["ar"], args.batch_size, excluded),
+        args.ar_steps,
+        args.ar_lr,
+        eval_ar,
+        args.eval_every,
+        "ar",
+        long_canvas=False,
+    )
     ar.eval()
     ar.save_pretrained(str(ar_dir))
     save_common(ar_dir, tok, ids)  # save_pretrained rewrote generation_config.json
@@ -601,8 +756,17 @@ def main(argv: list[str] | None = None) -> None:
         assert isinstance(m, LLaDAModel)
         return mdm_loss(m, b, ids.mask, gen, min(1.0, step / max(1, args.anneal_steps)))
 
-    train(mdm, loss_mdm, Batches(tok, ids, streams["mdm"], args.batch_size, excluded),
-          args.mdm_steps, args.mdm_lr, eval_mdm, args.eval_every, "mdm", long_canvas=True)
+    train(
+        mdm,
+        loss_mdm,
+        Batches(tok, ids, streams["mdm"], args.batch_size, excluded),
+        args.mdm_steps,
+        args.mdm_lr,
+        eval_mdm,
+        args.eval_every,
+        "mdm",
+        long_canvas=True,
+    )
     save_llada(mdm, cfg, mdm_dir)
     print(f"saved {mdm_dir}; total {time.monotonic() - t0:.0f}s", flush=True)
 
