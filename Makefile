@@ -26,6 +26,7 @@ test: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy vdiff_common vdiff_api vdiff_worker bench
 
 # /docs rendered by headless Chromium (installed with apt-get when missing): a screenshot in
