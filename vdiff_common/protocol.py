@@ -6,9 +6,14 @@ other bad frame."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 PROTOCOL_VERSION = 3  # 2: Tokenize / Tokens; 3: Generate.stream, the answer's tail in Done
+
+FinishReason = Literal["stop", "length"]
+ModelKind = Literal["llada", "dream", "ar", "diffusion_gemma"]
 
 
 class Load(msgspec.Struct, frozen=True):
@@ -26,7 +31,7 @@ class Load(msgspec.Struct, frozen=True):
 class ModelInfo(msgspec.Struct, frozen=True):
     name: str
     max_model_len: int
-    kind: str = "llada"
+    kind: ModelKind = "llada"
 
 
 class Register(msgspec.Struct, tag=True):
@@ -106,7 +111,7 @@ class Done(msgspec.Struct, tag=True):
 
     request_id: str
     index: int
-    finish_reason: str
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     forward_passes: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from vdiff_common.protocol import Chunk, Done
+from vdiff_common.protocol import Chunk, Done, FinishReason
 from vdiff_worker.decoding.base import Context, Forward, Strategy
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.tokenizer import Tokenizer
@@ -29,7 +29,7 @@ class Sequence:
     text_sent: str = ""  # text released so far (held back: a partial character or stop)
     unsent_text: str = ""  # released but not yet in a Chunk
     unsent_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # set when the answer is final
+    finish_reason: FinishReason | None = None  # set when the answer is final
     stopped_by_token: bool = False
     pending: Forward | None = None
     slots: dict[str, int] = field(default_factory=dict)  # cache slot per model, while running
@@ -115,7 +115,7 @@ class Sequence:
         text, ids = self.take()
         return Chunk(request_id=self.request_id, index=self.index, text=text, token_ids=ids)
 
-    def result(self, finish_reason: str | None = None) -> Done:
+    def result(self, finish_reason: FinishReason | None = None) -> Done:
         """The end of this choice, carrying whatever no Chunk did."""
         text, ids = self.take()
         return Done(

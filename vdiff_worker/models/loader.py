@@ -28,6 +28,7 @@ from loguru import logger
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from vdiff_common.protocol import ModelKind
 from vdiff_worker.models import hub
 from vdiff_worker.models.ar import CausalLM
 from vdiff_worker.models.config import get_int
@@ -52,7 +53,7 @@ _FALLBACK_MAX_LEN = 2048
 @dataclass
 class LoadedModel:
     model: nn.Module  # eval mode, on device, requires_grad False
-    kind: str  # "llada" | "dream" | "ar" | "diffusion_gemma"
+    kind: ModelKind
     name: str  # default served name: the Hub id as given, or the directory's basename
     path: str  # the directory read: the local one, or the id's snapshot in the cache
     tokenizer: Tokenizer
@@ -120,7 +121,7 @@ def _build_ar(req: _Request) -> _Built:
 
 
 # kind -> (model_type values, architecture names, builder)
-_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], Callable[[_Request], _Built]]] = {
+_KINDS: dict[ModelKind, tuple[tuple[str, ...], tuple[str, ...], Callable[[_Request], _Built]]] = {
     "llada": (("llada",), ("LLaDAModelLM",), _build_llada),
     "dream": (("dream",), ("DreamModel",), _build_dream),
     "diffusion_gemma": (
@@ -233,7 +234,7 @@ def read_config(root: Path) -> dict[str, Any]:
     return cfg
 
 
-def detect_kind(cfg: dict[str, Any], trust_remote_code: bool = False) -> str:
+def detect_kind(cfg: dict[str, Any], trust_remote_code: bool = False) -> ModelKind:
     """Which implementation serves this config: a key of ``_KINDS`` or "ar"."""
     model_type = str(cfg.get("model_type", ""))
     archs = [str(a) for a in cfg.get("architectures") or []]
