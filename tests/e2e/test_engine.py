@@ -96,7 +96,10 @@ def test_aborted_stream_frees_its_slot(server: Server) -> None:
         "eos_early_stop": False,
     }
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
-        next(r.iter_lines())
+        # Keep the line iterator referenced: a dropped one is finalised whenever the garbage
+        # collector gets to it, and closing it closes the stream (a 499 mid-test).
+        lines = r.iter_lines()
+        next(lines)
         assert _wait(lambda: _stats(server)["running"] == 1)
     assert _wait(
         lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0, timeout=2.0
