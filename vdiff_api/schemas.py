@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from vdiff_common.protocol import Decoding
+
 NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
 Prob = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 # Upper bounds keep every integer inside what the wire format and a tensor index can hold.
@@ -42,7 +44,7 @@ class _Sampling(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     logprobs: Any = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     # Diffusion fields (vLLM-style extra body).
-    decoding: Literal["reference", "threshold", "factor", "apd"] | None = None
+    decoding: Decoding | None = None
     diffusion_steps: PosInt | None = None
     block_length: PosInt | None = None
     remasking: Literal["low_confidence", "random"] | None = None

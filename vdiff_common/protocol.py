@@ -6,7 +6,7 @@ other bad frame."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -14,6 +14,9 @@ PROTOCOL_VERSION = 3  # 2: Tokenize / Tokens; 3: Generate.stream, the answer's t
 
 FinishReason = Literal["stop", "length"]
 ModelKind = Literal["llada", "dream", "ar", "diffusion_gemma"]
+# The decoding strategies by name; which models each decodes is vdiff_worker.decoding's table.
+Decoding = Literal["reference", "threshold", "factor", "apd"]
+DECODINGS: tuple[Decoding, ...] = get_args(Decoding)
 
 
 class Load(msgspec.Struct, frozen=True):
@@ -63,7 +66,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     seed: int | None = None
     stop: list[str] = []
     stop_token_ids: list[int] = []
-    decoding: str | None = None
+    decoding: Decoding | None = None
     diffusion_steps: int | None = None
     block_length: int | None = None
     remasking: str | None = None

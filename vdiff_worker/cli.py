@@ -16,7 +16,7 @@ from loguru import logger
 
 from vdiff_common import config, curve
 from vdiff_common.logging import setup_logging
-from vdiff_common.protocol import ModelInfo
+from vdiff_common.protocol import DECODINGS, ModelInfo
 from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
 
 if TYPE_CHECKING:  # the gateway imports this module for its flags, without torch
@@ -99,7 +99,7 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         g,
         "--decoding",
         default=None,
-        choices=["reference", "threshold", "factor", "apd"],
+        choices=list(DECODINGS),
         help="default strategy (default: fast: threshold with the dual cache for LLaDA "
         "and Dream, reference for the others; with --disable-apd: reference)",
     )

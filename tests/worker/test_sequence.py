@@ -17,7 +17,7 @@ MASK = 484
 class Scripted(Strategy):
     """Commits the next token ids of a script after each pass."""
 
-    name, kinds = "scripted", ("dream",)
+    name, kinds = "reference", ("dream",)
     script: list[list[int]] = []
 
     def run(self) -> Steps:

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from vdiff_common.protocol import SamplingParams
+from vdiff_common.protocol import Decoding, SamplingParams
 from vdiff_worker.models.base import ModelOutput
 
 # Fields every strategy honours (the engine and Sequence apply the stop and length ones).
@@ -110,7 +110,7 @@ Steps = Generator[Forward, ModelOutput, None]
 class Strategy(abc.ABC):
     """A decoding algorithm over one sequence's canvas."""
 
-    name: ClassVar[str]
+    name: ClassVar[Decoding]
     kinds: ClassVar[tuple[str, ...]]  # model kinds it decodes
     # Request fields this strategy reads beyond the universal ones; any other field a request
     # sets is refused, so nothing is silently ignored.
