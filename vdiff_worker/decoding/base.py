@@ -162,6 +162,22 @@ def full_sequence(
     return Forward(input_ids=ids, position_ids=pos, logits=logits, cached=cached)
 
 
+def cached_span(
+    prompt: Tensor, canvas: Tensor, start: int, stop: int, logits: tuple[int, int]
+) -> Forward:
+    """A cached pass over canvas[start:stop] (at its positions after the prompt): it rewrites
+    that span in its sequence's slot and attends to the whole prompt + canvas there."""
+    P = prompt.numel()
+    ids = canvas[start:stop].unsqueeze(0)
+    pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
+    return Forward(
+        input_ids=ids,
+        position_ids=pos,
+        logits=logits,
+        cached=Cached(write=P + start, keys=P + canvas.numel()),
+    )
+
+
 def check_filters(s: Settings) -> None:
     if not 0.0 < s.top_p <= 1.0:
         raise ParamError("top_p", "top_p must be within (0, 1]")

@@ -28,12 +28,12 @@ from torch import Tensor
 
 from vdiff_worker.decoding.base import (
     Cached,
-    Forward,
     ParamError,
     Settings,
     Steps,
     Strategy,
     blocks,
+    cached_span,
     check_filters,
     full_sequence,
     transfer_schedule,
@@ -114,14 +114,7 @@ class DreamThreshold(Strategy):
                 # The block's first position is committed, so the cached pass's own shift
                 # quirk (its position 0 reading output 0) never matters: position g of the
                 # block reads output g - start - 1 of this pass.
-                ids = ctx.canvas[start:stop].unsqueeze(0)
-                pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
-                out = yield Forward(
-                    input_ids=ids,
-                    position_ids=pos,
-                    logits=(0, end - start - 1),
-                    cached=Cached(write=P + start, keys=P + N),
-                )
+                out = yield cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start - 1))
                 # Ranked over the pass's span (the block and, with prefix, all after it, -inf
                 # outside the block), as the reference lays it out.
                 self._commit(

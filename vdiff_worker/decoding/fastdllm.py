@@ -27,12 +27,12 @@ from torch import Tensor
 
 from vdiff_worker.decoding.base import (
     Cached,
-    Forward,
     ParamError,
     Settings,
     Steps,
     Strategy,
     blocks,
+    cached_span,
     check_filters,
     full_sequence,
     gumbel_argmax,
@@ -151,14 +151,7 @@ class BlockDecoder(Strategy, abc.ABC):
             # in the slot, and attend to the whole of it.
             stop = end if s.cache == "dual" else N
             while self._masked(start, end):
-                ids = ctx.canvas[start:stop].unsqueeze(0)
-                pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
-                out = yield Forward(
-                    input_ids=ids,
-                    position_ids=pos,
-                    logits=(0, end - start),
-                    cached=Cached(write=P + start, keys=P + N),
-                )
+                out = yield cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start))
                 self._commit(
                     out.logits[0], start, end, rule, step, origin=start, length=stop - start
                 )
