@@ -145,6 +145,14 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     )
     config.add(
         g,
+        "--max-model-len",
+        default=None,
+        type=int,
+        help="context length served (prompt + max_tokens), at most the model's; it also sizes "
+        "each sequence's KV cache slot (default: the model's own)",
+    )
+    config.add(
+        g,
         "--max-num-seqs",
         default=16,
         type=int,
@@ -363,6 +371,15 @@ async def serve(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         logger.error("cannot load model: {}", err)
         return 2
+    if args.max_model_len is not None:
+        if not 0 < args.max_model_len <= loaded.max_model_len:
+            logger.error(
+                "--max-model-len must be within 1..{} (the model's), not {}",
+                loaded.max_model_len,
+                args.max_model_len,
+            )
+            return 2
+        loaded.max_model_len = args.max_model_len
     try:
         verifier = load_verifier(args, loaded)
     except (CheckpointError, ValueError) as err:

@@ -88,7 +88,7 @@ class Runner:
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 raise CacheMemoryError(
                     f"cannot allocate the KV cache of {self.slots} sequences x {self.max_len} "
-                    f"positions for the {model} model; lower --max-num-seqs"
+                    f"positions for the {model} model; lower --max-num-seqs or --max-model-len"
                 ) from err
             logger.info(
                 "{} KV cache: {} slots x {} positions, {:.1f} MiB",

@@ -232,3 +232,19 @@ def test_reused_request_ids_in_flight_do_not_collide(server: Server) -> None:
         got = list(pool.map(call, PROMPTS[:3]))
     assert [_tokens(r) for r in got] == alone
     assert all(r.headers["x-request-id"] == "same-id" for r in got)
+
+
+def test_max_model_len_caps_the_context_and_the_cache_slots(tmp_path: Path) -> None:
+    s = _start(tmp_path, "--max-model-len", "64", "--max-num-seqs", "2")
+    try:
+        listed = httpx.get(s.url + "/models").json()["data"][0]
+        assert listed["max_model_len"] == 64
+        r = _complete(s, PROMPTS[0], max_tokens=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert "64 tokens" in r.json()["error"]["message"]
+        assert _complete(s, PROMPTS[0], max_tokens=16).status_code == 200
+        log = s.procs[0].log.read_text()
+        assert "main KV cache: 2 slots x 64 positions" in log
+    finally:
+        for p in s.procs:
+            p.stop()
