@@ -47,13 +47,18 @@ def plot(
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Many series: the legend goes beside the axes, where it hides no line.
+    wide = len(series) > 4
+    fig, ax = plt.subplots(figsize=(9, 4) if wide else (6, 4))
     for label, ys in series.items():
         ax.plot(x, ys, marker="o", label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if wide:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
+    else:
+        ax.legend()
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.png"
     fig.tight_layout()
