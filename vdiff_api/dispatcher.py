@@ -250,9 +250,11 @@ class Dispatcher:
         job.worker = worker.identity
         worker.inflight.add(job.msg.request_id)
         job.trace.workers.add(worker.worker_id)
-        self._send(worker.identity, job.msg)
+        # Stamped before the send: stamped after it, a gateway descheduled in between could
+        # see the worker's time exceed the flight it is part of.
         if job.trace.sent is None:
             job.trace.sent = time.perf_counter()
+        self._send(worker.identity, job.msg)
 
     def _end(self, request_id: str, abort: bool) -> None:
         job = self.jobs.pop(request_id, None)
