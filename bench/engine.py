@@ -287,6 +287,7 @@ def trace(
     runner (the same strategy code, the same settings resolution as the server)."""
     from vdiff_common.protocol import Generate, SamplingParams
     from vdiff_worker.admission import Admission, Defaults
+    from vdiff_worker.decoding.base import Fetch, Forward
     from vdiff_worker.metrics import WorkerMetrics
     from vdiff_worker.runner import Call, Runner
 
@@ -308,10 +309,12 @@ def trace(
     with torch.no_grad():
         while not seq.done:
             f = seq.pending
-            assert f is not None
+            assert isinstance(f, Forward)
             lo, hi = f.span
             passes.append((f.model, int(f.input_ids.shape[1]), int(f.input_ids.shape[0]), hi - lo))
             seq.advance(runner.run([Call(f, slots.get(f.model))])[0])
+            while isinstance(seq.pending, Fetch):
+                seq.advance(runner.fetch([seq.pending])[0])
             seq.collect()
     return passes
 
@@ -329,10 +332,12 @@ class Timer:
         if key not in self.seen:
             model, width, rows, span = p
             n = rows * concurrency
-            ids = torch.randint(self.vocab, (n, width))
-            heads = torch.zeros(n, width, dtype=torch.bool)
-            heads[:, width - span :] = True
             module = self.models[model]
+            device = next(module.parameters()).device
+            ids = torch.randint(self.vocab, (n, width), device=device)
+            # Each row's last `span` positions, as the runner asks for them.
+            heads = (torch.arange(width - span, width) + width * torch.arange(n)[:, None]).view(-1)
+            heads = heads.to(device)
             with torch.no_grad():
                 module(ids, heads=heads)  # warm-up
                 times: list[float] = []

@@ -139,7 +139,7 @@ class Admission:
                 f"maximum context length of {limit} tokens",
             )
         device = self.loaded.device
-        prompt = torch.tensor(ids, dtype=torch.long, device=device)
+        prompt = torch.tensor(ids, dtype=torch.long)  # on the host, as the canvas
         stop_ids = self.loaded.tokenizer.stop_token_ids | frozenset(job.params.stop_token_ids)
         deadline = time.monotonic() + self.request_timeout if self.request_timeout else None
         mask_id = self.loaded.mask_token_id if self.loaded.mask_token_id is not None else -1

@@ -19,7 +19,7 @@ from loguru import logger
 
 from vdiff_common.protocol import Error, Generate, Load, Message
 from vdiff_worker.admission import Admission, Defaults
-from vdiff_worker.decoding.base import ParamError
+from vdiff_worker.decoding.base import Fetch, Forward, ParamError
 from vdiff_worker.metrics import WorkerMetrics
 from vdiff_worker.models.loader import LoadedModel
 from vdiff_worker.runner import CacheMemoryError, Call, Runner
@@ -192,25 +192,39 @@ class Engine:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> None:
-        active = self._due([s for s in self.running if s.pending is not None])
+        active = self._due([s for s in self.running if isinstance(s.pending, Forward)])
         before = [s.committed() for s in active]
         calls = [
-            Call(s.pending, s.slots.get(s.pending.model)) for s in active if s.pending is not None
+            Call(f, s.slots.get(f.model)) for s in active if isinstance(f := s.pending, Forward)
         ]
         for seq, out in zip(active, self.runner.run(calls)):
             seq.advance(out)
+        self._fetch(active)
         self._postprocess(active, before, calls)
+
+    def _fetch(self, seqs: list[Sequence]) -> None:
+        """Copy to the host what the sequences' rules read, every sequence's in one transfer:
+        one wait for the device per step (two for Dream's ``origin``, whose second fetch
+        depends on the first)."""
+        while waiting := [(s, f) for s in seqs if isinstance(f := s.pending, Fetch)]:
+            hosts = self.runner.fetch([f for _, f in waiting])
+            for (seq, _), host in zip(waiting, hosts):
+                seq.advance(host)
 
     def _due(self, pending: list[Sequence]) -> list[Sequence]:
         """The sequences whose pass runs this step. Passes of different models cannot share
         a call: when several models have passes pending, those of the model with the most run
         and the others wait one step (no longer), so sequences that alternate between models
         (APD's draft and verifier) fall into step and share their calls."""
-        rows = Counter(s.pending.model for s in pending if s.pending is not None)
+        rows = Counter(f.model for s in pending if isinstance(f := s.pending, Forward))
         if len(rows) < 2:
             return pending
         lead = max(rows, key=lambda m: rows[m])
-        due = [s for s in pending if s.waited or (s.pending and s.pending.model == lead)]
+        due = [
+            s
+            for s in pending
+            if s.waited or (isinstance(s.pending, Forward) and s.pending.model == lead)
+        ]
         for s in pending:
             s.waited = s not in due
         return due
@@ -250,9 +264,9 @@ class Engine:
             if seq.pending is None:
                 continue
             try:
-                seq.advance(
-                    self.runner.run([Call(seq.pending, seq.slots.get(seq.pending.model))])[0]
-                )
+                if isinstance(f := seq.pending, Forward):
+                    seq.advance(self.runner.run([Call(f, seq.slots.get(f.model))])[0])
+                self._fetch([seq])  # also one whose fetch the failed step left pending
             except torch.OutOfMemoryError:
                 logger.error("request {} does not fit in memory even alone", seq.request_id)
                 self._drop(seq.request_id)

@@ -11,6 +11,10 @@ cache against one without (a plain row has no slot to attend through), a model's
 ``generate`` (it runs a whole sampler), and widths far apart: a pass shares a call only with
 passes at most twice as wide (CPU passes are compute-bound: a 32-token block pass padded to a
 200-token full pass costs six times its work).
+
+A call is laid out on the host (the strategies' passes are host tensors) and copied to the
+model's device once; after the step, what the strategies read back from the logits is
+copied to the host in one transfer (``fetch``), so a step waits for the device once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 from loguru import logger
 from torch import Tensor, nn
 
-from vdiff_worker.decoding.base import Forward
+from vdiff_worker.decoding.base import Fetch, Forward
 from vdiff_worker.metrics import WorkerMetrics
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.kvcache import SlotBatch, SlotStore
@@ -62,6 +66,7 @@ class Runner:
         self.stores: dict[str, SlotStore] = {}
         self.calls = 0  # model calls since start
         self.rows = 0  # rows those calls carried
+        self.transfers = 0  # device-to-host copies of fetched values
         # Fault-injection hook for tests of the memory guard: a model call over this many
         # tokens (rows x length) raises OutOfMemoryError as a real device would.
         self._oom_tokens = int(os.environ.get("VDIFF_FAULT_OOM_TOKENS", "0"))
@@ -129,6 +134,22 @@ class Runner:
                     results[i] = out
         return results  # type: ignore[return-value]
 
+    def fetch(self, fetches: list[Fetch]) -> list[tuple[Tensor, ...]]:
+        """Host copies of every fetch's tensors, in one device-to-host copy: they travel as
+        one float64 vector (exact for booleans, token ids and every float dtype)."""
+        tensors = [t for f in fetches for t in f.tensors]
+        device = next((t.device for t in tensors if t.device.type != "cpu"), None)
+        if device is not None:
+            self.transfers += 1
+            flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors]).cpu()
+            parts = flat.split([t.numel() for t in tensors])
+            tensors = [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
+        out, at = [], 0
+        for f in fetches:
+            out.append(tuple(tensors[at : at + len(f.tensors)]))
+            at += len(f.tensors)
+        return out
+
     def _batched(self, calls: list[Call]) -> list[ModelOutput]:
         """One padded call; on out-of-memory, split the batch in halves and retry each."""
         try:
@@ -154,9 +175,10 @@ class Runner:
     def _call(self, calls: list[Call]) -> list[ModelOutput]:
         first = calls[0].forward
         model: Any = self.models[first.model]
+        device = next(model.parameters()).device
         if first.new_tokens:  # a transformers model with a sampler of its own
             self._guard(*first.input_ids.shape)
-            out = model.generate(first.input_ids, max_new_tokens=first.new_tokens)
+            out = model.generate(first.input_ids.to(device), max_new_tokens=first.new_tokens)
             self._count(int(first.input_ids.shape[0]))
             tokens = out.sequences[:, first.input_ids.shape[1] :]
             return [ModelOutput(logits=tokens.new_empty(0), tokens=tokens)]
@@ -167,38 +189,34 @@ class Runner:
         if self.shape_buckets and not cached:
             width = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
             filler = (1 << (rows_in - 1).bit_length()) - rows_in
-        ids, pos, lengths, heads = [], [], [], []
+        ids, pos, heads = [], [], []
+        lengths: list[int] = []
         for c in calls:
             f = c.forward
             rows, length = f.input_ids.shape
             pad = width - int(length)
             ids.append(torch.nn.functional.pad(f.input_ids, (0, pad)))
             pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
-            lengths += [int(length)] * int(rows)
             lo, hi = f.span
-            want = torch.zeros(rows, width, dtype=torch.bool, device=f.input_ids.device)
-            want[:, lo:hi] = True
-            heads.append(want)
+            for _ in range(rows):
+                heads.append(torch.arange(lo, hi) + len(lengths) * width)
+                lengths.append(int(length))
         if filler:  # rows of padding only; their outputs are dropped
-            like = first.input_ids
-            ids.append(like.new_zeros(filler, width))
-            pos.append(like.new_zeros(filler, width))
-            heads.append(torch.zeros(filler, width, dtype=torch.bool, device=like.device))
+            ids.append(first.input_ids.new_zeros(filler, width))
+            pos.append(first.input_ids.new_zeros(filler, width))
             lengths += [0] * filler
         self._guard(rows_in + filler, width)
-        device = first.input_ids.device
-        real = torch.tensor(lengths, device=device)
         key_mask, cache = None, None
         if cached:
-            cache = self._slots(calls, real)
-        elif bool((real < width).any()):
-            key_mask = torch.arange(width, device=device)[None, :] < real[:, None]
+            cache = self._slots(calls, lengths)
+        elif min(lengths) < width:
+            key_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(device)
         out = model(
-            torch.cat(ids),
-            position_ids=torch.cat(pos),
+            torch.cat(ids).to(device),
+            position_ids=torch.cat(pos).to(device),
             key_mask=key_mask,
             cache=cache,
-            heads=torch.cat(heads),
+            heads=torch.cat(heads).to(device),
         )
         self._count(rows_in + filler)
         results, at = [], 0
@@ -211,7 +229,7 @@ class Runner:
             at += n
         return results
 
-    def _slots(self, calls: list[Call], lengths: Tensor) -> SlotBatch:
+    def _slots(self, calls: list[Call], lengths: list[int]) -> SlotBatch:
         store = self.stores[calls[0].forward.model]
         slots, write, keys = [], [], []
         for c in calls:
@@ -221,14 +239,7 @@ class Runner:
             slots.append(c.slot)
             write.append(c.forward.cached.write)
             keys.append(c.forward.cached.keys)
-        device = lengths.device
-        return SlotBatch(
-            store,
-            torch.tensor(slots, device=device),
-            torch.tensor(write, device=device),
-            lengths,
-            torch.tensor(keys, device=device),
-        )
+        return SlotBatch(store, slots, write, lengths, keys)
 
 
 def _by_width(calls: list[Call], index: list[int]) -> list[list[int]]:

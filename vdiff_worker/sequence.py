@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from vdiff_common.protocol import Chunk, Done, FinishReason
-from vdiff_worker.decoding.base import Context, Forward, Strategy
+from vdiff_worker.decoding.base import Context, Forward, Step, Strategy
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.tokenizer import Tokenizer
 
@@ -31,7 +33,7 @@ class Sequence:
     unsent_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None  # set when the answer is final
     stopped_by_token: bool = False
-    pending: Forward | None = None
+    pending: Step | None = None  # the strategy's next model call or host fetch
     slots: dict[str, int] = field(default_factory=dict)  # cache slot per model, while running
     waited: bool = False  # its pass was held back a step for another model's (engine._due)
 
@@ -54,11 +56,13 @@ class Sequence:
     def committed(self) -> int:
         return int((self.ctx.canvas != self.ctx.mask_id).sum())
 
-    def advance(self, out: ModelOutput) -> None:
+    def advance(self, result: ModelOutput | tuple[Tensor, ...]) -> None:
+        """Hand the pending step its result: a model call's output, a fetch's host copies."""
         assert self.pending is not None
-        self.forward_passes += int(self.pending.input_ids.shape[0])
+        if isinstance(self.pending, Forward):
+            self.forward_passes += int(self.pending.input_ids.shape[0])
         try:
-            self.pending = self._steps.send(out)
+            self.pending = self._steps.send(result)
         except StopIteration:
             self.pending = None
 

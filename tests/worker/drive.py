@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from vdiff_worker.decoding.base import Strategy
+from vdiff_worker.decoding.base import Fetch, Forward, Strategy
 from vdiff_worker.metrics import WorkerMetrics
 from vdiff_worker.models.kvcache import SlotBatch, SlotStore
 from vdiff_worker.runner import Call, Runner
@@ -30,7 +30,7 @@ def drive(
     assert slots is not None
     canvas, mask = strategy.ctx.canvas, strategy.ctx.mask_id
     steps, rows = strategy.run(), 0
-    call = next(steps, None)
+    call: Forward | None = next(steps, None)  # type: ignore[assignment]
     try:
         with torch.no_grad():
             while call is not None and not (until is not None and until(canvas)):
@@ -38,7 +38,10 @@ def drive(
                 before = int((canvas != mask).sum())
                 (out,) = run.run([Call(call, slots.get(call.model))])
                 try:
-                    call = steps.send(out)
+                    step = steps.send(out)
+                    while isinstance(step, Fetch):
+                        step = steps.send(run.fetch([step])[0])
+                    call = step
                 except StopIteration:
                     call = None
                 if on_pass is not None:
@@ -68,4 +71,4 @@ def slots_for(
             torch.device("cpu"),
         )
     cols = list(zip(*rows))
-    return SlotBatch(store, *(torch.tensor(c) for c in cols))
+    return SlotBatch(store, *(list(c) for c in cols))

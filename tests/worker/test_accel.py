@@ -138,10 +138,10 @@ def _slots(g: torch.Generator) -> SlotBatch:
     # Rows in slots 2 and 0: five new tokens at 3 (of 12 keys), four at 0 (of 10).
     return SlotBatch(
         store,
-        torch.tensor([2, 0]),
-        torch.tensor([3, 0]),
-        torch.tensor([5, 4]),
-        torch.tensor([12, 10]),
+        [2, 0],
+        [3, 0],
+        [5, 4],
+        [12, 10],
     )
 
 

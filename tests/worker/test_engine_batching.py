@@ -6,19 +6,23 @@ the concurrent run must have put several sequences into its model calls.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import GOLDEN
 from vdiff_common.protocol import Done, Error, Generate, Message, SamplingParams
 from vdiff_worker.admission import Defaults
+from vdiff_worker.decoding.base import Fetch, Forward
 from vdiff_worker.engine import Engine
 from vdiff_worker.models import load_model
+from vdiff_worker.models.base import ModelOutput
 
 LLADA = [
     c["prompt_ids"]
@@ -61,7 +65,8 @@ class Harness:
         for p in prompts:
             self.count += 1
             ids.append(f"r{self.count}")
-            params = SamplingParams(max_tokens=16, temperature=0.0, eos_early_stop=False, **fields)
+            base = {"max_tokens": 16, "temperature": 0.0, "eos_early_stop": False}
+            params = SamplingParams(**{**base, **fields})
             self.engine.submit(Generate(ids[-1], "m", prompt_ids=p, stream=False, params=params))
         done: dict[str, list[int]] = {}
         while len(done) < len(ids):
@@ -72,27 +77,90 @@ class Harness:
         return [done[i] for i in ids]
 
 
-def _harness(model: str, verifier: str | None = None) -> Iterator[Harness]:
+def _harness(
+    model: str, verifier: str | None = None, wrap: Callable[[Any], Any] = lambda m: m
+) -> Iterator[Harness]:
     outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    ver = load_model(str(GOLDEN / verifier)).model if verifier else None
-    engine = Engine(
-        load_model(str(GOLDEN / model)), Defaults(), outbox.put, max_num_seqs=8, verifier=ver
-    )
+    ver = wrap(load_model(str(GOLDEN / verifier)).model) if verifier else None
+    loaded = load_model(str(GOLDEN / model))
+    loaded = dataclasses.replace(loaded, model=wrap(loaded.model))
+    engine = Engine(loaded, Defaults(), outbox.put, max_num_seqs=8, verifier=ver)
     engine.start()
     yield Harness(engine, outbox)
     engine.stop()
 
 
-@pytest.fixture(scope="module")
-def engines() -> Iterator[dict[str, Harness]]:
+def _engines(wrap: Callable[[Any], Any] = lambda m: m) -> Iterator[dict[str, Harness]]:
     gens = {
-        "llada": _harness("llada-tiny"),
-        "dream": _harness("dream-tiny", "ar-tiny"),
-        "ar": _harness("ar-tiny"),
+        "llada": _harness("llada-tiny", wrap=wrap),
+        "dream": _harness("dream-tiny", "ar-tiny", wrap=wrap),
+        "ar": _harness("ar-tiny", wrap=wrap),
     }
     yield {k: next(g) for k, g in gens.items()}
     for g in gens.values():
         next(g, None)
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[dict[str, Harness]]:
+    yield from _engines()
+
+
+class OnDevice(torch.Tensor):
+    """Stands for values on an accelerator: reading one on the host (which would wait for
+    the device) raises, except through the runner's fetch."""
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: Any = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        name = getattr(func, "__name__", str(func))
+        indexing = name in ("__getitem__", "__setitem__")
+        if name in HOST_READS or (indexing and _boolean_index(args[1])):
+            raise AssertionError(f"a host read of a device value: {name}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+# Each makes the host wait for the device (the size of a boolean selection included).
+HOST_READS = frozenset(
+    {"item", "tolist", "numpy", "cpu", "nonzero", "masked_select", "unique", "equal"}
+    | {"__bool__", "__int__", "__float__", "__index__"}
+)
+
+
+def _boolean_index(index: Any) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+
+class Accelerated(torch.nn.Module):
+    """A model whose outputs are OnDevice."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def kv_shape(self) -> Any:
+        return self.inner.kv_shape()  # type: ignore[operator]
+
+    def forward(self, *args: Any, **kwargs: Any) -> ModelOutput:
+        out = self.inner(*args, **kwargs)
+        tokens = out.tokens.as_subclass(OnDevice) if out.tokens is not None else None
+        return ModelOutput(logits=out.logits.as_subclass(OnDevice), tokens=tokens)
+
+
+@pytest.fixture(scope="module")
+def accelerated() -> Iterator[dict[str, Harness]]:
+    for harnesses in _engines(Accelerated):
+        for h in harnesses.values():
+            fetch = h.engine.runner.fetch
+
+            def to_host(fetches: list[Fetch], fetch: Any = fetch, h: Harness = h) -> Any:
+                h.engine.runner.transfers += 1
+                return [tuple(t.as_subclass(torch.Tensor) for t in f) for f in fetch(fetches)]
+
+            h.engine.runner.fetch = to_host  # type: ignore[method-assign]
+        yield harnesses
 
 
 @pytest.mark.parametrize(
@@ -109,6 +177,29 @@ def test_batched_equals_alone(
     together = h.run(prompts, **fields)
     assert together == alone
     assert (runner.rows - rows) / (runner.calls - calls) > 1.5  # they shared model calls
+
+
+@pytest.mark.parametrize(
+    ("kind", "fields"),
+    [*MODES, ("dream", {"decoding": "reference", "alg": "origin", "temperature": 0.5, "seed": 3})],
+    ids=[f"{k}-" + "-".join(map(str, f.values())) for k, f in MODES] + ["dream-origin"],
+)
+def test_a_step_waits_for_the_device_once(
+    engines: dict[str, Harness],
+    accelerated: dict[str, Harness],
+    kind: str,
+    fields: dict[str, Any],
+) -> None:
+    # The samplers read the logits only through the engine's one fetch per step: any other
+    # host read of a model output fails the step (and the request, with an Error).
+    prompts = (LLADA if kind == "llada" else DREAM)[:4]
+    h = accelerated[kind]
+    steps, transfers = h.engine.steps, h.engine.runner.transfers
+    assert h.run(prompts, **fields) == engines[kind].run(prompts, **fields)
+    # Dream's origin rule fetches twice: which positions go decides which rows are drawn.
+    rounds = 2 if fields.get("alg") == "origin" else 1
+    assert h.engine.runner.transfers - transfers <= rounds * (h.engine.steps - steps)
+    assert h.engine.runner.transfers - transfers >= h.engine.steps - steps
 
 
 def test_eight_dual_cache_sequences_share_every_call(engines: dict[str, Harness]) -> None:
@@ -142,7 +233,8 @@ def test_passes_of_the_busier_model_go_first_and_the_others_wait_one_step(
     engine = engines["dream"].engine
 
     def seq(model: str, waited: bool = False) -> Any:
-        return SimpleNamespace(pending=SimpleNamespace(model=model), waited=waited)
+        one = torch.zeros(1, 1, dtype=torch.long)
+        return SimpleNamespace(pending=Forward(one, one, model=model), waited=waited)
 
     drafts, check = [seq("main"), seq("main")], seq("verifier")
     assert engine._due([*drafts, check]) == drafts  # type: ignore[arg-type]

@@ -26,10 +26,10 @@ def test_rows_write_their_real_tokens_at_their_positions(scatter: bool) -> None:
     # Row 0: slot 3, 2 new tokens at 5 (keys 0..9); row 1: slot 1, 4 new tokens at 0.
     batch = SlotBatch(
         store,
-        torch.tensor([3, 1]),
-        torch.tensor([5, 0]),
-        torch.tensor([2, 4]),
-        torch.tensor([9, 4]),
+        [3, 1],
+        [5, 0],
+        [2, 4],
+        [9, 4],
         scatter=scatter,
     )
     k = torch.arange(2 * 2 * 4 * 3, dtype=torch.float32).view(2, 2, 4, 3) + 1
@@ -50,10 +50,10 @@ def test_consecutive_slots_read_a_view_and_no_mask_when_all_see_all() -> None:
     store = _store()
     batch = SlotBatch(
         store,
-        torch.tensor([1, 2]),
-        torch.tensor([0, 0]),
-        torch.tensor([3, 3]),
-        torch.tensor([6, 6]),
+        [1, 2],
+        [0, 0],
+        [3, 3],
+        [6, 6],
     )
     keys, _ = batch.read(0, 6)
     assert keys.data_ptr() == store.keys[0][1].data_ptr()  # a view, no copy

@@ -103,7 +103,7 @@ def test_cached_rows_of_any_slot_length_and_position_batch_as_alone(
         both = llada.model(
             ids,
             position_ids=pos,
-            heads=heads,
+            heads=heads.flatten().nonzero()[:, 0],
             cache=slots_for(llada.model, [(2, 20, 8, na), (0, 10, nb - 10, nb)], cache.store),
         )
     assert both.logits.shape == (8 + nb - 10, alone_a.logits.shape[-1])

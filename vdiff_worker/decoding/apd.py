@@ -32,15 +32,21 @@ from vdiff_worker.decoding.base import (
     Settings,
     Steps,
     Strategy,
+    call,
+    fetch,
     gumbel_argmax,
 )
 from vdiff_worker.decoding.dream import filter_logits
 
 
-def accepted(draft: Tensor, dllm: Tensor, verifier: Tensor, weight: float) -> int:
-    """Length of the draft's prefix that the mixture's greedy choice agrees with (>= 1)."""
+def mixture(dllm: Tensor, verifier: Tensor, weight: float) -> Tensor:
+    """The greedy choice of R * dLLM logits + (1 - R) * verifier logits, per position."""
     vocab = min(dllm.shape[-1], verifier.shape[-1])
-    target = (weight * dllm[:, :vocab] + (1.0 - weight) * verifier[:, :vocab]).argmax(dim=-1)
+    return (weight * dllm[:, :vocab] + (1.0 - weight) * verifier[:, :vocab]).argmax(dim=-1)
+
+
+def accepted(draft: Tensor, target: Tensor) -> int:
+    """Length of the draft's prefix that the mixture's choice agrees with (>= 1)."""
     agree = draft == target
     agree[0] = True
     return int(torch.cumprod(agree.long(), dim=0).sum())
@@ -87,7 +93,6 @@ class APD(Strategy):
         ctx, s = self.ctx, self.ctx.settings
         P, N = ctx.prompt.numel(), s.gen_length
         window, lookahead = s.apd_kv_window, s.apd_max_lookahead
-        device = ctx.prompt.device
         cur = 0  # committed prefix of the canvas
         last = 0  # tokens committed last round
         carry: Tensor | None = None  # verifier's prediction for canvas position `cur`
@@ -98,37 +103,48 @@ class APD(Strategy):
             # recomputes from `left` on.
             left = max(P + cur - window - last + 1, 0) if window is not None and cur else 0
             span = (P + cur - self.shift - left, P + right - self.shift - left)
-            out = yield Forward(
-                input_ids=seq[left:].unsqueeze(0),
-                position_ids=torch.arange(left, P + right, device=device).unsqueeze(0),
-                logits=span,
-                cached=Cached(write=left, keys=P + right) if window is not None else None,
+            out = yield from call(
+                Forward(
+                    input_ids=seq[left:].unsqueeze(0),
+                    position_ids=torch.arange(left, P + right).unsqueeze(0),
+                    logits=span,
+                    cached=Cached(write=left, keys=P + right) if window is not None else None,
+                )
             )
             dllm = out.logits[0]
-            draft = gumbel_argmax(
-                filter_logits(dllm, s.temperature, s.top_p, s.top_k), s.temperature, ctx.generator
+            (draft,) = yield from fetch(
+                gumbel_argmax(
+                    filter_logits(dllm, s.temperature, s.top_p, s.top_k),
+                    s.temperature,
+                    ctx.generator,
+                )
             )
             # The verifier's slot holds prompt + committed prefix; it scores the draft.
             if carry is None:
                 ids = torch.cat([ctx.prompt, ctx.canvas[:cur], draft])
-                vout = yield Forward(
-                    input_ids=ids.unsqueeze(0),
-                    position_ids=torch.arange(P + right, device=device).unsqueeze(0),
-                    logits=(P + cur - 1, P + right - 1),
-                    model="verifier",
-                    cached=Cached(write=0, keys=P + right),
+                vout = yield from call(
+                    Forward(
+                        input_ids=ids.unsqueeze(0),
+                        position_ids=torch.arange(P + right).unsqueeze(0),
+                        logits=(P + cur - 1, P + right - 1),
+                        model="verifier",
+                        cached=Cached(write=0, keys=P + right),
+                    )
                 )
                 verifier = vout.logits[0]
             else:
-                vout = yield Forward(
-                    input_ids=draft.unsqueeze(0),
-                    position_ids=torch.arange(P + cur, P + right, device=device).unsqueeze(0),
-                    logits=(0, right - cur - 1),
-                    model="verifier",
-                    cached=Cached(write=P + cur, keys=P + right),
+                vout = yield from call(
+                    Forward(
+                        input_ids=draft.unsqueeze(0),
+                        position_ids=torch.arange(P + cur, P + right).unsqueeze(0),
+                        logits=(0, right - cur - 1),
+                        model="verifier",
+                        cached=Cached(write=P + cur, keys=P + right),
+                    )
                 )
                 verifier = torch.cat([carry.unsqueeze(0), vout.logits[0]])
-            n = accepted(draft, dllm, verifier, s.apd_mixture_weight)
+            (target,) = yield from fetch(mixture(dllm, verifier, s.apd_mixture_weight))
+            n = accepted(draft, target)
             if s.max_parallel is not None:
                 n = min(n, s.max_parallel)
             carry = verifier[n] if n < verifier.shape[0] else verifier[-1]

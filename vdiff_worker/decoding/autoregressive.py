@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vdiff_worker.decoding.base import Cached, Forward, ParamError, Settings, Steps, Strategy
+from vdiff_worker.decoding.base import (
+    Cached,
+    Forward,
+    ParamError,
+    Settings,
+    Steps,
+    Strategy,
+    call,
+    fetch,
+)
 
 
 def sample(logits: Tensor, s: Settings, gen: torch.Generator) -> Tensor:
@@ -43,17 +52,21 @@ class Autoregressive(Strategy):
         ctx, s = self.ctx, self.ctx.settings
         P = ctx.prompt.numel()
         ids = ctx.prompt.unsqueeze(0)
-        pos = torch.arange(P, device=ids.device).unsqueeze(0)
-        out = yield Forward(
-            input_ids=ids, position_ids=pos, logits=(P - 1, P), cached=Cached(write=0, keys=P)
+        pos = torch.arange(P).unsqueeze(0)
+        out = yield from call(
+            Forward(
+                input_ids=ids, position_ids=pos, logits=(P - 1, P), cached=Cached(write=0, keys=P)
+            )
         )
         for i in range(s.gen_length):
-            tok = sample(out.logits[0, -1], s, ctx.generator)
+            (tok,) = yield from fetch(sample(out.logits[0, -1], s, ctx.generator))
             ctx.canvas[i] = tok
             if i + 1 == s.gen_length:
                 return
-            out = yield Forward(
-                input_ids=tok.view(1, 1),
-                position_ids=pos.new_tensor([[P + i]]),
-                cached=Cached(write=P + i, keys=P + i + 1),
+            out = yield from call(
+                Forward(
+                    input_ids=tok.view(1, 1),
+                    position_ids=pos.new_tensor([[P + i]]),
+                    cached=Cached(write=P + i, keys=P + i + 1),
+                )
             )

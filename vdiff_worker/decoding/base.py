@@ -4,6 +4,12 @@ A strategy is written like the reference loop it reproduces, except that each mo
 ``yield``: it yields a :class:`Forward` and receives the model output. The engine collects the
 pending calls of all active sequences and runs compatible ones as one batched pass, so
 strategies never see each other and never know about batching.
+
+The prompt and the canvas live on the host; the logits on the model's device. A strategy
+computes on the logits there and yields a :class:`Fetch` for the few values its rule reads
+(candidate tokens, their confidences); the engine copies every sequence's fetch of a step in
+one transfer, so a step waits for the device once, not once per sequence. A strategy never
+reads a device value any other way (``int()``, ``bool()``, ``.tolist()``, boolean indexing).
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -65,6 +71,13 @@ class Forward:
 
 
 @dataclass
+class Fetch:
+    """Device tensors a strategy needs on the host; it receives their host copies."""
+
+    tensors: tuple[Tensor, ...]
+
+
+@dataclass
 class Settings:
     """A sequence's resolved decoding parameters (request fields over server defaults)."""
 
@@ -92,19 +105,40 @@ class Settings:
 class Context:
     """What a strategy may read and write for one sequence (one choice)."""
 
-    prompt: Tensor  # [P] long, on the model device
+    prompt: Tensor  # [P] long, on the host
     settings: Settings
     mask_id: int
-    generator: torch.Generator
-    canvas: Tensor = field(init=False)  # [gen_length] long: the answer being denoised
+    generator: torch.Generator  # on the model device: noise is drawn where the logits are
+    canvas: Tensor = field(init=False)  # [gen_length] long, on the host: the answer
 
     def __post_init__(self) -> None:
-        self.canvas = torch.full(
-            (self.settings.gen_length,), self.mask_id, dtype=torch.long, device=self.prompt.device
-        )
+        self.canvas = torch.full((self.settings.gen_length,), self.mask_id, dtype=torch.long)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's outputs (and the generator's draws) are."""
+        return self.generator.device
 
 
-Steps = Generator[Forward, ModelOutput, None]
+Step = Forward | Fetch
+Steps = Generator[Step, Any, None]
+
+
+def call(forward: Forward) -> Generator[Step, Any, ModelOutput]:
+    """``out = yield from call(forward)``: one model call."""
+    out: ModelOutput = yield forward
+    return out
+
+
+def fetch(*tensors: Tensor) -> Generator[Step, Any, tuple[Tensor, ...]]:
+    """``a, b = yield from fetch(a, b)``: host copies of device tensors."""
+    host: tuple[Tensor, ...] = yield Fetch(tensors)
+    return host
+
+
+def on_device(host: Tensor, ctx: Context) -> Tensor:
+    """Positions (a host index tensor) where the logits are, for ``index_select``."""
+    return host.to(ctx.device, non_blocking=True)
 
 
 class Strategy(abc.ABC):
@@ -158,7 +192,7 @@ def full_sequence(
 ) -> Forward:
     """A pass over prompt + canvas, positions from 0."""
     ids = torch.cat([prompt, canvas]).unsqueeze(0)
-    pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
     return Forward(input_ids=ids, position_ids=pos, logits=logits, cached=cached)
 
 
@@ -169,7 +203,7 @@ def cached_span(
     that span in its sequence's slot and attends to the whole prompt + canvas there."""
     P = prompt.numel()
     ids = canvas[start:stop].unsqueeze(0)
-    pos = torch.arange(P + start, P + stop, device=ids.device).unsqueeze(0)
+    pos = torch.arange(P + start, P + stop).unsqueeze(0)
     return Forward(
         input_ids=ids,
         position_ids=pos,

@@ -17,7 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vdiff_worker.decoding.base import ParamError, Settings, Steps, Strategy, full_sequence
+from vdiff_worker.decoding.base import (
+    ParamError,
+    Settings,
+    Steps,
+    Strategy,
+    call,
+    fetch,
+    full_sequence,
+    on_device,
+)
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 EPS = 1e-3
@@ -90,7 +99,7 @@ class DreamReference(Strategy):
     def run(self) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
         P, mask = ctx.prompt.numel(), ctx.mask_id
-        times = torch.linspace(1, EPS, s.steps + 1, device=ctx.canvas.device)
+        times = torch.linspace(1, EPS, s.steps + 1)
         for i in range(s.steps):
             masked = ctx.canvas == mask
             n_masked = masked.sum()
@@ -102,12 +111,14 @@ class DreamReference(Strategy):
             n = int(n_masked) if last else int(n_masked * (1 - s_next / t))
             if s.alg != "origin" and n == 0:
                 continue  # the reference spends a pass here that commits nothing
-            out = yield full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + s.gen_length))
-            logits = out.logits[0][masked]
+            out = yield from call(
+                full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + s.gen_length))
+            )
+            logits = out.logits[0].index_select(0, on_device(masked.nonzero()[:, 0], ctx))
             if s.alg == "origin":
-                self._origin(logits, masked, 1.0 if last else float(1 - s_next / t))
+                yield from self._origin(logits, masked, 1.0 if last else float(1 - s_next / t))
             else:
-                self._ranked(logits, masked, n)
+                yield from self._ranked(logits, masked, n)
 
     def top_k(self) -> int | None:
         """Dream's generation config, as the transformers versions it was released for read
@@ -116,22 +127,31 @@ class DreamReference(Strategy):
         top_k = self.ctx.settings.top_k
         return DEFAULT_TOP_K if top_k is None else top_k
 
-    def _origin(self, logits: Tensor, masked: Tensor, p_transfer: float) -> None:
+    def _origin(self, logits: Tensor, masked: Tensor, p_transfer: float) -> Steps:
+        # Two fetches: which positions go decides which rows are sampled (the reference draws
+        # its tokens for those rows only, so the random stream depends on it).
         ctx = self.ctx
-        x0 = torch.full((logits.shape[0],), ctx.mask_id, dtype=torch.long, device=logits.device)
-        go = torch.rand(x0.shape, generator=ctx.generator, device=x0.device) < p_transfer
+        draw = torch.rand((logits.shape[0],), generator=ctx.generator, device=ctx.device)
+        (go,) = yield from fetch(draw < p_transfer)
+        x0 = torch.full(go.shape, ctx.mask_id, dtype=torch.long)
         if bool(go.any()):
-            x0[go] = sample_tokens(logits[go], ctx.settings, ctx.generator, top_k=self.top_k())[1]
+            rows = logits.index_select(0, on_device(go.nonzero()[:, 0], ctx))
+            (x0[go],) = yield from fetch(
+                sample_tokens(rows, ctx.settings, ctx.generator, top_k=self.top_k())[1]
+            )
         ctx.canvas[masked] = x0
 
-    def _ranked(self, logits: Tensor, masked: Tensor, n: int) -> None:
+    def _ranked(self, logits: Tensor, masked: Tensor, n: int) -> Steps:
         ctx, s = self.ctx, self.ctx.settings
         conf, x0 = sample_tokens(logits, s, ctx.generator, s.alg, self.top_k())
         if not s.alg_temp:
+            x0, conf = yield from fetch(x0, conf)
             chosen = torch.topk(conf, n).indices
         else:
             weights = F.softmax(conf / s.alg_temp, dim=-1)
-            chosen = torch.multinomial(weights, n, generator=ctx.generator)
+            x0, chosen = yield from fetch(
+                x0, torch.multinomial(weights, n, generator=ctx.generator)
+            )
         update = torch.full_like(x0, ctx.mask_id)
         update[chosen] = x0[chosen]
         ctx.canvas[masked] = update

@@ -23,6 +23,9 @@ what the masks need; a block of one position); they are not made here.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -30,12 +33,16 @@ from vdiff_worker.decoding.base import (
     Cached,
     ParamError,
     Settings,
+    Step,
     Steps,
     Strategy,
     blocks,
     cached_span,
+    call,
     check_filters,
+    fetch,
     full_sequence,
+    on_device,
     transfer_schedule,
 )
 from vdiff_worker.decoding.dream import sample_tokens
@@ -88,12 +95,14 @@ class DreamThreshold(Strategy):
             step += 1
             if target == 0:
                 continue  # the reference's pass here commits nothing
-            out = yield full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + N))
+            out = yield from call(full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + N)))
             # Ranked over prompt + canvas as the reference lays it out, so that ties break
             # alike; the prompt never competes. Until the last step, target never exceeds the
             # masks left (the shortfall is what the schedule still owes), and after it, target
             # is all of them, so no -inf position is ever taken.
-            committed = self._commit(out.logits[0], 0, N, target, origin=-P, length=P + N)
+            committed = yield from self._commit(
+                out.logits[0], 0, N, target, origin=-P, length=P + N
+            )
             carried = target - committed
 
     def _blocks(self) -> Steps:
@@ -104,20 +113,26 @@ class DreamThreshold(Strategy):
                 continue
             # The full pass refreshes the slot and commits the block's first position
             # unconditionally, from the prediction at input P + start - 1.
-            out = yield full_sequence(
-                ctx.prompt, ctx.canvas, (P + start - 1, P + start), Cached(write=0, keys=P + N)
+            out = yield from call(
+                full_sequence(
+                    ctx.prompt, ctx.canvas, (P + start - 1, P + start), Cached(write=0, keys=P + N)
+                )
             )
-            _, x0 = sample_tokens(out.logits[0], s, ctx.generator, top_k=s.top_k)
+            (x0,) = yield from fetch(
+                sample_tokens(out.logits[0], s, ctx.generator, top_k=s.top_k)[1]
+            )
             ctx.canvas[start] = x0[0]
             stop = end if s.cache == "dual" else N
             while self._masked(start, end):
                 # The block's first position is committed, so the cached pass's own shift
                 # quirk (its position 0 reading output 0) never matters: position g of the
                 # block reads output g - start - 1 of this pass.
-                out = yield cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start - 1))
+                out = yield from call(
+                    cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start - 1))
+                )
                 # Ranked over the pass's span (the block and, with prefix, all after it, -inf
                 # outside the block), as the reference lays it out.
-                self._commit(
+                yield from self._commit(
                     out.logits[0],
                     start + 1,
                     end,
@@ -131,7 +146,7 @@ class DreamThreshold(Strategy):
 
     def _commit(
         self, logits: Tensor, start: int, end: int, target: int, origin: int, length: int
-    ) -> int:
+    ) -> Generator[Step, Any, int]:
         """Among the masks of canvas [start, end), whose predictions `logits` holds, take the
         `target` most confident; commit the first and those of the rest at or above the
         threshold. Returns how many were committed.
@@ -142,7 +157,8 @@ class DreamThreshold(Strategy):
         assert s.threshold is not None  # check() refuses a missing one
         span = ctx.canvas[start:end]
         masked = span == ctx.mask_id
-        conf, x0 = sample_tokens(logits[masked], s, ctx.generator, top_k=s.top_k)
+        rows = logits.index_select(0, on_device(masked.nonzero()[:, 0], ctx))
+        conf, x0 = yield from fetch(*sample_tokens(rows, s, ctx.generator, top_k=s.top_k))
         ranked = conf.new_full((length,), -torch.inf)
         ranked[start - origin : end - origin][masked] = conf
         values, order = torch.topk(ranked, target)

@@ -33,7 +33,9 @@ from vdiff_worker.decoding.base import (
     Strategy,
     blocks,
     cached_span,
+    call,
     check_filters,
+    fetch,
     full_sequence,
     gumbel_argmax,
     steps_per_block,
@@ -47,18 +49,13 @@ CACHES = ("none", "prefix", "dual")
 Rule = Callable[[Tensor, int], Tensor]
 
 
-def confidences(
-    logits: Tensor, canvas: Tensor, eligible: Tensor, s: Settings, gen: torch.Generator
-) -> tuple[Tensor, Tensor]:
-    """Fast-dLLM's candidate tokens and their confidences (-inf where not eligible)."""
+def candidates(logits: Tensor, s: Settings, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Fast-dLLM's candidate token per position and its confidence, where the logits are."""
     x0 = gumbel_argmax(logits, s.temperature, gen, s.top_p, s.top_k)
     if s.remasking == "low_confidence":
         probs = torch.softmax(logits.to(torch.float64), dim=-1)
-        conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
-    else:
-        conf = torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
-    x0 = torch.where(eligible, x0, canvas)
-    return x0, torch.where(eligible, conf, -torch.inf)
+        return x0, torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+    return x0, torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
 
 
 def fixed_rule(schedule: list[int]) -> Rule:
@@ -144,15 +141,21 @@ class BlockDecoder(Strategy, abc.ABC):
             cached = None if s.cache == "none" else Cached(write=0, keys=P + N)
             step = 0
             while self._masked(start, end) and (step == 0 or s.cache == "none"):
-                out = yield full_sequence(ctx.prompt, ctx.canvas, (P + start, P + end), cached)
-                self._commit(out.logits[0], start, end, rule, step, origin=-P, length=P + N)
+                out = yield from call(
+                    full_sequence(ctx.prompt, ctx.canvas, (P + start, P + end), cached)
+                )
+                yield from self._commit(
+                    out.logits[0], start, end, rule, step, origin=-P, length=P + N
+                )
                 step += 1
             # Cached passes rewrite the block (dual) or the block and all after it (prefix)
             # in the slot, and attend to the whole of it.
             stop = end if s.cache == "dual" else N
             while self._masked(start, end):
-                out = yield cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start))
-                self._commit(
+                out = yield from call(
+                    cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start))
+                )
+                yield from self._commit(
                     out.logits[0], start, end, rule, step, origin=start, length=stop - start
                 )
                 step += 1
@@ -162,7 +165,7 @@ class BlockDecoder(Strategy, abc.ABC):
 
     def _commit(
         self, logits: Tensor, start: int, end: int, rule: Rule, step: int, origin: int, length: int
-    ) -> None:
+    ) -> Steps:
         """Commit the rule's choice among the masks of the block [start, end), whose
         positions `logits` cover. The rule ranks a vector as the reference lays it out
         (`length` slots from canvas position `origin`; -inf where not eligible), so that
@@ -170,9 +173,10 @@ class BlockDecoder(Strategy, abc.ABC):
         ctx = self.ctx
         span = ctx.canvas[start:end]
         eligible = span == ctx.mask_id
-        x0, conf = confidences(logits, span, eligible, ctx.settings, ctx.generator)
+        x0, conf = yield from fetch(*candidates(logits, ctx.settings, ctx.generator))
+        x0 = torch.where(eligible, x0, span)
         ranked = conf.new_full((length,), -torch.inf)
-        ranked[start - origin : end - origin] = conf
+        ranked[start - origin : end - origin] = torch.where(eligible, conf, -torch.inf)
         chosen = rule(ranked, step) + origin - start
         cap = self.cap()
         if cap is not None:

@@ -17,7 +17,9 @@ from vdiff_worker.decoding.base import (
     Steps,
     Strategy,
     blocks,
+    call,
     check_filters,
+    fetch,
     gumbel_argmax,
     steps_per_block,
     transfer_schedule,
@@ -41,7 +43,7 @@ def model_call(
         uncond = x.clone()
         uncond[0, : prompt.numel()] = mask_id
         x = torch.cat([x, uncond])
-    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0).expand_as(x)
+    pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
     return Forward(input_ids=x, position_ids=pos, logits=logits)
 
 
@@ -78,8 +80,10 @@ class LLaDAReference(Strategy):
             for k in transfer_schedule(n_masked, per_block):
                 if k == 0:
                     continue  # the reference spends a pass that changes nothing here
-                out = yield model_call(
-                    ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale, (P + start, P + end)
+                out = yield from call(
+                    model_call(
+                        ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale, (P + start, P + end)
+                    )
                 )
                 logits = guided(out.logits, s.cfg_scale)
                 x0 = gumbel_argmax(logits, s.temperature, ctx.generator, s.top_p, s.top_k)
@@ -88,6 +92,7 @@ class LLaDAReference(Strategy):
                     conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
                 else:
                     conf = torch.rand(x0.shape, generator=ctx.generator, device=x0.device)
+                x0, conf = yield from fetch(x0, conf)
                 block = ctx.canvas[start:end]
                 # Rank over prompt + canvas, as the reference does, so ties break alike.
                 full = conf.new_full((P + s.gen_length,), -torch.inf)

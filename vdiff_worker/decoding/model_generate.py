@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from vdiff_common.protocol import SamplingParams
-from vdiff_worker.decoding.base import Forward, ParamError, Steps, Strategy
+from vdiff_worker.decoding.base import Forward, ParamError, Steps, Strategy, call, fetch
 
 
 class ModelGenerate(Strategy):
@@ -32,8 +32,10 @@ class ModelGenerate(Strategy):
     def run(self) -> Steps:
         ctx = self.ctx
         ids = ctx.prompt.unsqueeze(0)
-        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        out = yield Forward(input_ids=ids, position_ids=pos, new_tokens=ctx.settings.gen_length)
+        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        out = yield from call(
+            Forward(input_ids=ids, position_ids=pos, new_tokens=ctx.settings.gen_length)
+        )
         assert out.tokens is not None
-        tokens = out.tokens[0, : ctx.settings.gen_length]
+        (tokens,) = yield from fetch(out.tokens[0, : ctx.settings.gen_length])
         ctx.canvas[: tokens.numel()] = tokens

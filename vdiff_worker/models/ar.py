@@ -50,34 +50,34 @@ class CausalLM(nn.Module):
         batch, length = input_ids.shape
         if cache is None:
             logits, _ = self._run(input_ids, None, key_mask, position_ids)
-            return ModelOutput(logits=logits if heads is None else logits[heads])
+            return ModelOutput(logits=_picked(logits, heads))
         if key_mask is not None:
             raise ValueError("a cached pass takes its key mask from the cache")
         # The prefix each row attends to, gathered from its slot into a transformers cache.
         # A cache without the model config keeps every layer whole (no sliding-window
         # cropping), so the new keys are always the tail after the gathered prefix.
-        past = int(cache.start.max())
+        past = max(cache.start)
         kv = DynamicCache()
         mask = None
         if past:
             for layer in range(self.kv_shape().layers):
                 kv.update(*cache.read(layer, past), layer)
         col = torch.arange(past + length, device=input_ids.device)
-        seen = torch.where(
-            col[None, :] < past,
-            col[None, :] < cache.start[:, None],
-            col[None, :] - past < cache.lengths[:, None],
-        )
-        if not bool(seen.all()):
-            mask = seen
+        # Every row sees all of it when all prefixes and new spans are as long as the longest.
+        if min(cache.start) < past or min(cache.lengths) < length:
+            mask = torch.where(
+                col[None, :] < past,
+                col[None, :] < cache.start_ids[:, None],
+                col[None, :] - past < cache.new_ids[:, None],
+            )
         if position_ids is None:
-            position_ids = cache.start[:, None] + torch.arange(length, device=input_ids.device)
+            position_ids = cache.start_ids[:, None] + torch.arange(length, device=input_ids.device)
         logits, out = self._run(input_ids, kv, mask, position_ids)
         assert out is not None
         layers: list[Any] = list(out.layers)
         for layer, lay in enumerate(layers):
             cache.write(layer, lay.keys[:, :, past:], lay.values[:, :, past:])
-        return ModelOutput(logits=logits if heads is None else logits[heads])
+        return ModelOutput(logits=_picked(logits, heads))
 
     def _run(
         self,
@@ -94,3 +94,8 @@ class CausalLM(nn.Module):
             **{self._cache_name: cache},
         )
         return out.logits, getattr(out, self._cache_name)
+
+
+def _picked(logits: Tensor, heads: Tensor | None) -> Tensor:
+    """The logits of the flattened positions ``heads`` (all of them without)."""
+    return logits if heads is None else logits.flatten(0, 1).index_select(0, heads)

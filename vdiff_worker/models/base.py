@@ -4,8 +4,9 @@ One call serves every pass: without a cache it attends over its own tokens (``ke
 hides padding); with a :class:`~vdiff_worker.models.kvcache.SlotBatch` each row writes its
 keys into its slot and attends to the slot (prefix, dual and windowed caches alike). Cached
 keys are stored after RoPE, so reusing them never needs their positions again. ``heads``
-picks the positions whose logits are wanted: a sampler reads a block, not the whole canvas
-times the vocabulary.
+picks the positions whose logits are wanted (indices into the flattened [B * L] positions: a
+boolean mask would make the device report how many it selects): a sampler reads a block,
+not the whole canvas times the vocabulary.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from vdiff_worker.models.layers import RopeTables, Rotary
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, L, V] in the model dtype; [N, V] (packed rows) when heads were given
+    logits: Tensor  # [B, L, V] in the model dtype; [N, V] (the N positions) with heads
     tokens: Tensor | None = None  # [B, N]: what a model's own whole-sequence generate produced
 
 
@@ -79,7 +80,7 @@ class BidirectionalLM(nn.Module, abc.ABC):
         if position_ids is None:  # the new tokens sit where they are written
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
             if cache is not None:
-                position_ids = position_ids + cache.start[:, None]
+                position_ids = position_ids + cache.start_ids[:, None]
         if cache is not None:
             if key_mask is not None:
                 raise ValueError("a cached pass takes its key mask from the cache")
@@ -94,4 +95,6 @@ class BidirectionalLM(nn.Module, abc.ABC):
         rope = self.rotary.tables(position_ids, h.dtype)
         for i, block in enumerate(self.layers()):
             h = block(h, rope, key_mask, cache, i)
-        return ModelOutput(logits=self.head(h if heads is None else h[heads]))
+        return ModelOutput(
+            logits=self.head(h if heads is None else h.flatten(0, 1).index_select(0, heads))
+        )

@@ -8,7 +8,9 @@ caches (a block's pass rewrites the block, or the block and what follows), APD's
 diffusion cache and the causal verifier's and autoregressive decoder's prefix caches.
 
 Rows of one batched call may use any slots, at any positions, with caches of any length: the
-store gathers each row's keys up to the longest, and a key mask hides the rest.
+store gathers each row's keys up to the longest, and a key mask hides the rest. Where each
+row writes and reads is given as host integers, so laying a call out never waits for the
+device.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ class SlotStore:
         self.free = list(range(slots - 1, -1, -1))
 
     @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
@@ -62,58 +68,52 @@ class SlotBatch:
     """
 
     store: SlotStore
-    slots: Tensor  # [B] long
-    start: Tensor  # [B] long
-    lengths: Tensor  # [B] long
-    keys: Tensor  # [B] long
+    slots: list[int]
+    start: list[int]
+    lengths: list[int]
+    keys: list[int]
 
     # None: by device. Each row writes a slice in place on a CPU (a copy per row beats a
     # scatter there); on a GPU several rows scatter in one kernel, not a launch per row.
     scatter: bool | None = None
 
     def __post_init__(self) -> None:
+        device = self.store.device
+        rows = len(self.slots)
         if self.scatter is None:
-            self.scatter = self.slots.numel() > 1 and self.slots.device.type != "cpu"
+            self.scatter = rows > 1 and device.type != "cpu"
+        # Built on the host, copied over once.
+        start, lengths = torch.tensor(self.start), torch.tensor(self.lengths)
+        self.start_ids = start.to(device)  # [B]: the first new token's slot position
+        self.new_ids = lengths.to(device)  # [B]: new tokens per row
         if self.scatter:
-            width = int(self.lengths.max())
-            col = torch.arange(width, device=self.slots.device)
-            valid = col[None, :] < self.lengths[:, None]  # [B, L]: real new tokens
-            rows = torch.arange(self.slots.numel(), device=self.slots.device)
-            self._src = (
-                rows[:, None].expand_as(valid)[valid],
-                col[None, :].expand_as(valid)[valid],
-            )
-            self._dst = (
-                self.slots[:, None].expand_as(valid)[valid],
-                (self.start[:, None] + col[None, :])[valid],
-            )
-        else:
-            self._slices = list(
-                zip(self.slots.tolist(), self.start.tolist(), self.lengths.tolist())
-            )
-        self.span = int(self.keys.max())
+            col = torch.arange(max(self.lengths))
+            valid = col[None, :] < lengths[:, None]  # [B, L]: real new tokens
+            src_rows = torch.arange(rows)[:, None].expand_as(valid)[valid]
+            dst_slots = torch.tensor(self.slots)[:, None].expand_as(valid)[valid]
+            self._src = (src_rows.to(device), col[None, :].expand_as(valid)[valid].to(device))
+            self._dst = (dst_slots.to(device), (start[:, None] + col[None, :])[valid].to(device))
+        self.span = max(self.keys)
         if self.span > self.store.length:
             raise ValueError(
                 f"a pass reaches position {self.span}, beyond the cache's {self.store.length}"
             )
-        contiguous = torch.arange(
-            int(self.slots[0]), int(self.slots[0]) + self.slots.numel(), device=self.slots.device
-        )
         # Rows in consecutive slots read a view of the store; others gather a copy.
-        self._first = int(self.slots[0]) if torch.equal(self.slots, contiguous) else None
+        first = self.slots[0]
+        self._first = first if self.slots == list(range(first, first + rows)) else None
+        self._index = torch.tensor(self.slots).to(device)
         # [B, K], or None when every row attends to all of them: an unmasked call runs the
         # same kernel a lone pass does.
         self.key_mask: Tensor | None = None
-        if bool((self.keys < self.span).any()):
-            self.key_mask = (
-                torch.arange(self.span, device=self.slots.device)[None, :] < self.keys[:, None]
-            )
+        if min(self.keys) < self.span:
+            keys = torch.tensor(self.keys)
+            self.key_mask = (torch.arange(self.span)[None, :] < keys[:, None]).to(device)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
         ks, vs = self.store.keys[layer], self.store.values[layer]
         if not self.scatter:
-            for row, (slot, start, n) in enumerate(self._slices):
+            for row, (slot, start, n) in enumerate(zip(self.slots, self.start, self.lengths)):
                 ks[slot, :, start : start + n] = k[row, :, :n]
                 vs[slot, :, start : start + n] = v[row, :, :n]
             return
@@ -129,8 +129,8 @@ class SlotBatch:
         """Each row's slot positions [0, span)."""
         ks, vs = self.store.keys[layer], self.store.values[layer]
         if self._first is not None:
-            rows = slice(self._first, self._first + self.slots.numel())
+            rows = slice(self._first, self._first + len(self.slots))
             return ks[rows, :, :span], vs[rows, :, :span]
-        return ks[:, :, :span].index_select(0, self.slots), vs[:, :, :span].index_select(
-            0, self.slots
+        return ks[:, :, :span].index_select(0, self._index), vs[:, :, :span].index_select(
+            0, self._index
         )

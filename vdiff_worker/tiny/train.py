@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from bench.tasks import CAPITALS, HELD_OUT_SEED, KINDS, TIMES, WORDS, Task, suite
-from vdiff_worker.decoding.base import Context, Settings
+from vdiff_worker.decoding.base import Context, Fetch, Forward, Settings, Steps
 from vdiff_worker.decoding.llada import LLaDAReference
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
@@ -502,7 +502,7 @@ def llada_decode(
         for p in prompts
     ]
     runs = [LLaDAReference(c).run() for c in ctxs]
-    calls = {i: next(r) for i, r in enumerate(runs)}
+    calls = {i: _call(r, next(r)) for i, r in enumerate(runs)}
     while calls:
         width = max(int(c.input_ids.shape[1]) for c in calls.values())
         lengths = [int(c.input_ids.shape[1]) for c in calls.values()]
@@ -518,10 +518,18 @@ def llada_decode(
         for row, i in enumerate(list(calls)):
             lo, hi = calls[i].span
             try:
-                calls[i] = runs[i].send(ModelOutput(logits=logits[row : row + 1, lo:hi]))
+                out = ModelOutput(logits=logits[row : row + 1, lo:hi])
+                calls[i] = _call(runs[i], runs[i].send(out))
             except StopIteration:
                 del calls[i]
     return [[int(t) for t in c.canvas] for c in ctxs]
+
+
+def _call(run: Steps, step: Forward | Fetch) -> Forward:
+    """The run's next model call; its fetches are answered at once (all of it is on the CPU)."""
+    while isinstance(step, Fetch):
+        step = run.send(step.tensors)
+    return step
 
 
 @torch.no_grad()
