@@ -64,28 +64,15 @@ def _params(req: _Sampling, info: ModelInfo) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stop):
         raise APIError(400, "stop strings must not be empty", param="stop")
+    # The schema inherits SamplingParams' fields: each goes over by name, these three as
+    # the wire spells them.
+    spelled = {
+        "max_tokens": max_tokens,
+        "stop": stop,
+        "stop_token_ids": list(req.stop_token_ids or []),
+    }
     return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        seed=req.seed,
-        stop=stop,
-        stop_token_ids=list(req.stop_token_ids or []),
-        decoding=req.decoding,
-        diffusion_steps=req.diffusion_steps,
-        block_length=req.block_length,
-        remasking=req.remasking,
-        threshold=req.threshold,
-        factor=req.factor,
-        cache=req.cache,
-        cfg_scale=req.cfg_scale,
-        alg=req.alg,
-        alg_temp=req.alg_temp,
-        apd_mixture_weight=req.apd_mixture_weight,
-        apd_kv_window=req.apd_kv_window,
-        apd_max_lookahead=req.apd_max_lookahead,
-        eos_early_stop=req.eos_early_stop,
+        **{f: spelled.get(f, getattr(req, f)) for f in SamplingParams.__struct_fields__}
     )
 
 

@@ -6,7 +6,7 @@ other bad frame."""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import msgspec
 
@@ -17,6 +17,16 @@ ModelKind = Literal["llada", "dream", "ar", "diffusion_gemma"]
 # The decoding strategies by name; which models each decodes is vdiff_worker.decoding's table.
 Decoding = Literal["reference", "threshold", "factor", "apd"]
 DECODINGS: tuple[Decoding, ...] = get_args(Decoding)
+Cache = Literal["none", "prefix", "dual"]
+Remasking = Literal["low_confidence", "random"]
+DreamAlg = Literal["origin", "maskgit_plus", "topk_margin", "entropy"]
+
+NonNeg = Annotated[float, msgspec.Meta(ge=0.0)]
+Prob = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+# Upper bounds keep every integer inside what the wire format and a tensor index can hold.
+PosInt = Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=1 << 31)]
+Seed = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class Load(msgspec.Struct, frozen=True):
@@ -56,29 +66,35 @@ class Heartbeat(msgspec.Struct, tag=True):
     load: Load = Load()
 
 
-class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
-    """OpenAI sampling fields plus diffusion fields; None means "the worker's default"."""
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """OpenAI sampling fields plus diffusion fields; None means "the worker's default".
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float = 1.0
-    top_k: int | None = None  # None: the sampler's own default (off; 50 for Dream's)
-    seed: int | None = None
+    Each field a request sends to the worker is declared here once, with its bounds: the
+    gateway's HTTP schemas inherit these fields (vdiff_api.schemas), the gateway copies them
+    over by name, and each strategy names the ones it reads (any other one set is refused).
+    """
+
+    max_tokens: PosInt | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    # None: the sampler's own default (off; 50 for Dream's)
+    top_k: Annotated[int, msgspec.Meta(ge=-1, lt=1 << 31)] | None = None
+    seed: Seed | None = None
     stop: list[str] = []
-    stop_token_ids: list[int] = []
+    stop_token_ids: list[TokenId] = []
     decoding: Decoding | None = None
-    diffusion_steps: int | None = None
-    block_length: int | None = None
-    remasking: str | None = None
-    threshold: float | None = None
-    factor: float | None = None
-    cache: str | None = None
-    cfg_scale: float = 0.0
-    alg: str | None = None
-    alg_temp: float | None = None
-    apd_mixture_weight: float | None = None
-    apd_kv_window: int | None = None
-    apd_max_lookahead: int | None = None
+    diffusion_steps: PosInt | None = None
+    block_length: PosInt | None = None
+    remasking: Remasking | None = None
+    threshold: Prob | None = None
+    factor: Annotated[float, msgspec.Meta(gt=0.0)] | None = None
+    cache: Cache | None = None
+    cfg_scale: NonNeg = 0.0
+    alg: DreamAlg | None = None
+    alg_temp: NonNeg | None = None
+    apd_mixture_weight: Prob | None = None
+    apd_kv_window: PosInt | None = None
+    apd_max_lookahead: PosInt | None = None
     eos_early_stop: bool = True
 
 

@@ -13,10 +13,13 @@ at the last step.
 
 from __future__ import annotations
 
+from typing import get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vdiff_common.protocol import DreamAlg
 from vdiff_worker.decoding.base import (
     ParamError,
     Settings,
@@ -28,7 +31,7 @@ from vdiff_worker.decoding.base import (
     on_device,
 )
 
-ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+ALGS: tuple[DreamAlg, ...] = get_args(DreamAlg)
 EPS = 1e-3
 DEFAULT_TOP_K = 50
 

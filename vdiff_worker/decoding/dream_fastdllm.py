@@ -24,11 +24,12 @@ what the masks need; a block of one position); they are not made here.
 from __future__ import annotations
 
 from collections.abc import Generator
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
+from vdiff_common.protocol import Cache
 from vdiff_worker.decoding.base import (
     Cached,
     ParamError,
@@ -47,7 +48,7 @@ from vdiff_worker.decoding.base import (
 )
 from vdiff_worker.decoding.dream import sample_tokens
 
-CACHES = ("none", "prefix", "dual")
+CACHES: tuple[Cache, ...] = get_args(Cache)
 
 
 class DreamThreshold(Strategy):

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 from torch import Tensor
 
+from vdiff_common.protocol import Cache
 from vdiff_worker.decoding.base import (
     Cached,
     ParamError,
@@ -42,7 +44,7 @@ from vdiff_worker.decoding.base import (
     transfer_schedule,
 )
 
-CACHES = ("none", "prefix", "dual")
+CACHES: tuple[Cache, ...] = get_args(Cache)
 
 # A transfer rule: (confidences over the reference's span, -inf where not eligible; step index
 # in the block) -> positions in that span to commit, most confident first.
