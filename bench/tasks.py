@@ -120,6 +120,19 @@ def _capital(r: random.Random) -> Task:
     return Task("capital", f"What is the capital of {country}?", CAPITALS[country])
 
 
+def _add_digits(r: random.Random) -> Task:
+    a, b = r.randint(0, 9), r.randint(0, 9)
+    return Task("add_digits", f"What is {a} + {b}?", str(a + b))
+
+
+def _sub_digits(r: random.Random) -> Task:
+    a = r.randint(0, 9)
+    b = r.randint(0, a)
+    return Task("sub_digits", f"What is {a} - {b}?", str(a - b))
+
+
+# New kinds go at the end: suite() draws kind by kind from one generator, so the instances of
+# the kinds before them stay what they were.
 KINDS: dict[str, Callable[[random.Random], Task]] = {
     "add": _add,
     "sub": _sub,
@@ -129,6 +142,8 @@ KINDS: dict[str, Callable[[random.Random], Task]] = {
     "count": _count,
     "max": _max,
     "capital": _capital,
+    "add_digits": _add_digits,
+    "sub_digits": _sub_digits,
 }
 
 
