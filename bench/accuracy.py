@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/accuracy.py [--n-per-kind 25] [--gen-length 32] [--threads 1]
 
-The held-out suite (bench.tasks, HELD_OUT_SEED; no prompt of it is trained on) goes as chat
-requests at temperature 0, one at a time, to an all-in-one server serving the built-in
+The held-out suite (vdiff_worker.tiny.tasks, HELD_OUT_SEED; no prompt of it is trained on)
+goes as chat requests at temperature 0, one at a time, to an all-in-one server serving the built-in
 vdiff-tiny with APD on (verifier vdiff-tiny-ar), through every strategy: ``reference``
 (LLaDA's generate, one token per step), Fast-dLLM ``threshold`` 0.9 and ``factor`` 1.0 with
 cache none and dual, and ``apd`` at mixture weights R = 0.7 (the default) and 0.5. The
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench.common import table, write_json
 from bench.decoding import APD, LLADA, bench_model, plot, suite_prompts
-from bench.tasks import HELD_OUT_SEED, KINDS
 from vdiff_worker.tiny import MODEL_DIR
+from vdiff_worker.tiny.tasks import HELD_OUT_SEED, KINDS
 
 KEPT = ("reference", "threshold", "threshold+dual", "factor", "factor+dual")
 STRATEGIES = [s for s in LLADA if s[0] in KEPT] + [

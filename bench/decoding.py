@@ -5,8 +5,8 @@
 Three all-in-one servers, one request at a time, at temperature 0:
 
 - vdiff-tiny (the built-in model, APD on with its verifier vdiff-tiny-ar) on the held-out
-  task suite (bench.tasks, ``--n-per-kind`` per kind) as chat requests: the one model here
-  that answers, so its accuracy means something.
+  task suite (vdiff_worker.tiny.tasks, ``--n-per-kind`` per kind) as chat requests: the one
+  model here that answers, so its accuracy means something.
 - LLaDA-tiny and Dream-tiny (APD verifier ar-tiny) on the golden cases' prompts (their
   ``task``/``answer`` fields): random weights, so accuracy only shows that strategies agree.
 
@@ -37,8 +37,8 @@ from typing import Any
 import httpx
 
 from bench.common import GOLDEN, RESULTS, start_allinone, table, write_json
-from bench.tasks import HELD_OUT_SEED, exact, suite
 from vdiff_worker.tiny import MODEL_DIR
+from vdiff_worker.tiny.tasks import HELD_OUT_SEED, exact, suite
 
 CASES = GOLDEN / "cases"
 

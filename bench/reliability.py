@@ -481,7 +481,7 @@ def schema_phase(tmp: Path, examples: int) -> dict[str, Any]:
 
 
 def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
-    """What serving adds around the worker's time, one request at a time (vdiff-bench).
+    """What serving adds around the worker's time, one request at a time (bench.serving).
     Reported against the 1 ms target, not gated on: a timing is a figure, not a check."""
     stack = Stack(tmp / "overhead")
     out = tmp / "overhead.json"
@@ -513,7 +513,7 @@ def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
     }
     tier = overhead.main(["--requests", str(n)])
     return {
-        "command": "vdiff-bench " + " ".join(command[2:-2]),
+        "command": "python -m bench.serving " + " ".join(command[2:-2]),
         "requests": n,
         "errors": report["errors"],
         "ms": ms,

@@ -1,9 +1,10 @@
 """Serving benchmark in the manner of vLLM's: load a running server, report latency and rates.
 
-    vdiff-bench --base-url http://127.0.0.1:8000 --concurrency 8 --num-prompts 200
-    vdiff-bench --request-rate 20 --dataset prompts.jsonl --no-stream
+    .venv/bin/python -m bench.serving --base-url http://127.0.0.1:8000 --concurrency 8
+    .venv/bin/python -m bench.serving --request-rate 20 --dataset prompts.jsonl --no-stream
 
-Prompts come from the task suite (bench.tasks) or a JSONL file with a "prompt" field per line.
+Run from a repository checkout (bench is not in the wheel). Prompts come from the task suite
+(vdiff_worker.tiny.tasks) or a JSONL file with a "prompt" field per line.
 Fixed concurrency keeps N requests in flight; --request-rate sends a Poisson stream instead.
 Prints a table, writes JSON (and PNG latency plots when matplotlib is installed).
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.tasks import suite
+from vdiff_worker.tiny.tasks import suite
 
 
 @dataclass
@@ -259,7 +260,7 @@ def plot(report: Report, path: Path) -> Path | None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="vdiff-bench",
+        prog="python -m bench.serving",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -10,7 +10,7 @@ import pytest
 import bench.common
 import bench.decoding
 from bench.accuracy import STRATEGIES, main
-from bench.tasks import KINDS
+from vdiff_worker.tiny.tasks import KINDS
 
 
 def test_accuracy_bench_reports_every_strategy_and_kind(

@@ -1,4 +1,4 @@
-"""vdiff-bench against a real server: it finds the model itself and reports every figure."""
+"""bench.serving against a real server: it finds the model itself and reports every figure."""
 
 from __future__ import annotations
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bench.tasks import HELD_OUT_SEED, suite
 from tests.conftest import GOLDEN, ROOT, Server, start_allinone
 from vdiff_worker.cli import DEFAULT_MODEL
 from vdiff_worker.models import LoadedModel, load_model
 from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
+from vdiff_worker.tiny.tasks import HELD_OUT_SEED, suite
 from vdiff_worker.tiny.train import (
     DIGITS_WEIGHTS,
     SPECIALS,

@@ -1,5 +1,6 @@
 """The built-in models (package data): vdiff-tiny and its APD verifier vdiff-tiny-ar.
 
+``tasks.py`` is the task suite they are trained on (and the benchmarks measure them on),
 ``train.py`` reproduces them; ``MODEL_DIR`` and ``VERIFIER_DIR`` are where they are installed.
 """
 

@@ -7,8 +7,8 @@
 
 These four commands made the shipped weights in vdiff_worker/tiny/ (times on the 2-core CPU
 this repository is developed on). Run them from a repository checkout: the training data is
-the task suite of ``bench/tasks.py``, drawn from seeds disjoint from ``HELD_OUT_SEED``, with
-every prompt of the held-out suite removed. They are reproducible: same seed, same machine,
+the task suite of ``tasks.py`` beside it, drawn from seeds disjoint from ``HELD_OUT_SEED``,
+with every prompt of the held-out suite removed. They are reproducible: same seed, same machine,
 same weights.
 
 Why it looks the way it does (a 2-core, about-an-hour budget):
@@ -56,11 +56,11 @@ from tokenizers.models import BPE
 from torch import Tensor, nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from bench.tasks import CAPITALS, HELD_OUT_SEED, KINDS, TIMES, WORDS, Task, suite
 from vdiff_worker.decoding.base import Context, Fetch, Forward, Settings, Steps
 from vdiff_worker.decoding.llada import LLaDAReference
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
+from vdiff_worker.tiny.tasks import CAPITALS, HELD_OUT_SEED, KINDS, TIMES, WORDS, Task, suite
 from vdiff_worker.tokenizer import Tokenizer
 
 HERE = Path(__file__).resolve().parent

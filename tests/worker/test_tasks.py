@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from bench.tasks import KINDS, exact, suite
+from vdiff_worker.tiny.tasks import KINDS, exact, suite
 
 
 def test_suite_is_seeded_and_covers_every_kind() -> None:

@@ -1,6 +1,6 @@
 """A synthetic instruction task suite with exact answers, in the golden prompts' phrasings.
 
-    from bench.tasks import suite
+    from vdiff_worker.tiny.tasks import suite
     for task in suite(n_per_kind=20, seed=1234): print(task.kind, task.prompt, task.answer)
 
 Seeds decide the instances; training data for a model should use seeds disjoint from the
