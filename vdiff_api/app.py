@@ -262,6 +262,7 @@ class Gateway:
                 "batch_size": {"mean": w.load.batch_mean, "max": w.load.batch_max},
                 "model_calls": w.load.model_calls,
                 "model_rows": w.load.model_rows,
+                "aborted": w.load.aborted,
             }
             for w in self.backend.snapshot().workers
         ]

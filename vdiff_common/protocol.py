@@ -39,6 +39,7 @@ class Load(msgspec.Struct, frozen=True):
     batch_max: int = 0
     model_calls: int = 0  # calls into the model since the worker started
     model_rows: int = 0  # rows (sequences) those calls carried
+    aborted: int = 0  # requests aborted while queued or running, since the worker started
 
 
 class ModelInfo(msgspec.Struct, frozen=True):

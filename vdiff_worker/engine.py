@@ -63,6 +63,7 @@ class Engine:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
+        self.aborted = 0  # requests dropped on their gateway's Abort
         self.accepting = True
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -95,6 +96,7 @@ class Engine:
             batch_max=st.batch_max(),
             model_calls=self.runner.calls,
             model_rows=self.runner.rows,
+            aborted=self.aborted,
         )
 
     @property
@@ -123,8 +125,9 @@ class Engine:
             if kind == "job":
                 assert isinstance(item, tuple)
                 self._admit(*item)
-            elif kind == "abort":
-                self._drop(str(item))
+            elif kind == "abort" and self._drop(str(item)):
+                self.aborted += 1
+                self.metrics.aborted.inc()
             try:
                 kind, item = self.inbox.get_nowait()
             except queue.Empty:
@@ -176,11 +179,15 @@ class Engine:
         self.runner.release(seq.slots)
         seq.slots = {}
 
-    def _drop(self, request_id: str) -> None:
+    def _drop(self, request_id: str) -> bool:
+        """End the request's sequences; whether it had any."""
+        dropped = False
         for pool in (self.running, self.waiting):
             for seq in [s for s in pool if s.request_id == request_id]:
                 self._retire(seq)
                 pool.remove(seq)  # type: ignore[attr-defined]
+                dropped = True
+        return dropped
 
     def _expire(self) -> None:
         now = time.monotonic()

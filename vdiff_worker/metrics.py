@@ -48,6 +48,12 @@ CALL_ROWS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
     registry=REGISTRY,
 )
+ABORTED = Counter(
+    "vdiff_aborted_requests",
+    "Requests their gateway aborted (the client left) while queued or running",
+    _LABELS,
+    registry=REGISTRY,
+)
 GPU_MEMORY = Gauge(
     "vdiff_gpu_memory_used_bytes", "Device memory in use", _LABELS, registry=REGISTRY
 )
@@ -72,6 +78,7 @@ class WorkerMetrics:
         self.per_forward = TOKENS_PER_FORWARD.labels(*labels)
         self.batch = BATCH.labels(*labels)
         self.call_rows = CALL_ROWS.labels(*labels)
+        self.aborted = ABORTED.labels(*labels)
         self.gpu_memory = GPU_MEMORY.labels(*labels)
         self.host_memory = HOST_MEMORY.labels(*labels)
 

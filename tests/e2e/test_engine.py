@@ -95,6 +95,7 @@ def test_aborted_stream_frees_its_slot(server: Server) -> None:
         "stream": True,
         "eos_early_stop": False,
     }
+    aborted = _stats(server)["aborted"]
     with httpx.stream("POST", server.url + "/completions", json=body, timeout=60) as r:
         # Keep the line iterator referenced: a dropped one is finalised whenever the garbage
         # collector gets to it, and closing it closes the stream (a 499 mid-test).
@@ -105,6 +106,12 @@ def test_aborted_stream_frees_its_slot(server: Server) -> None:
         lambda: _stats(server)["running"] == 0 and _stats(server)["inflight"] == 0, timeout=2.0
     )
     assert _active(server) == 0
+    # The job stopped, not just its stream: the worker counted the abort, and its model calls
+    # stop (two heartbeats apart, the counters are the same).
+    assert _wait(lambda: _stats(server)["aborted"] == aborted + 1)
+    calls = _stats(server)["model_calls"]
+    time.sleep(0.5)
+    assert _stats(server)["model_calls"] == calls
 
 
 def test_abandoned_request_frees_its_slot(server: Server) -> None:
