@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import queue
 import re
 from collections.abc import Iterator
 from itertools import islice
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 from safetensors import safe_open
 
 from tests.conftest import GOLDEN, ROOT, Server, start_allinone
+from vdiff_common.protocol import Done, Generate, Message, SamplingParams
+from vdiff_worker.admission import Defaults
 from vdiff_worker.cli import DEFAULT_MODEL
+from vdiff_worker.engine import Engine
 from vdiff_worker.models import LoadedModel, load_model
 from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
 from vdiff_worker.tiny.tasks import HELD_OUT_SEED, suite
@@ -22,10 +25,8 @@ from vdiff_worker.tiny.train import (
     DIGITS_WEIGHTS,
     SPECIALS,
     UNFILTERED_KINDS,
-    answer_text,
     build_tokenizer,
     excluded_prompts,
-    llada_decode,
     render_chat,
     task_stream,
 )
@@ -38,9 +39,9 @@ LLADA_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
 }
-# The shipped weights answer 70 of these 80 held-out prompts (bench/accuracy.py's settings:
-# canvas 32, one block); the floor leaves room for two answers flipped by the float noise of
-# other CPUs, not for a worse model.
+# The shipped weights answer 70 of these 80 held-out prompts through the engine
+# (bench/accuracy.py's settings: canvas 32, one block); the floor leaves room for two answers
+# flipped by the float noise of other CPUs, not for a worse model.
 HELD_OUT_FLOOR = 68 / 80
 
 
@@ -145,16 +146,29 @@ def test_training_stream_never_draws_a_held_out_prompt() -> None:
     assert {t.kind for t in drawn} == {t.kind for t in held}
 
 
-def test_held_out_accuracy_in_process(tiny: LoadedModel) -> None:
+def test_held_out_accuracy_through_the_engine(tiny: LoadedModel) -> None:
+    # The server's own engine and sampler (reference decoding, canvas 32 in one block), in
+    # process: what a request gets, not what the training script's decoder gets.
     tasks = suite(n_per_kind=8, seed=HELD_OUT_SEED)
-    tok = tiny.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": t.prompt}]) for t in tasks]
-    assert tiny.mask_token_id is not None
-    with torch.no_grad():
-        outs = llada_decode(tiny.model, prompts, tiny.mask_token_id, 32, 32)
-    raw = build_tokenizer()
-    answers = [answer_text(raw, out, tok.stop_token_ids) for out in outs]
-    right = sum(a.strip() == t.answer for a, t in zip(answers, tasks))
+    outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+    engine = Engine(tiny, Defaults(), outbox.put, max_num_seqs=16)
+    engine.start()
+    try:
+        params = SamplingParams(
+            max_tokens=32, block_length=32, temperature=0.0, decoding="reference"
+        )
+        for i, t in enumerate(tasks):
+            messages = [{"role": "user", "content": t.prompt}]
+            job = Generate(f"t{i}", "vdiff-tiny", messages=messages, params=params, stream=False)
+            engine.submit(job)
+        answers: dict[str, str] = {}
+        while len(answers) < len(tasks):
+            msg = outbox.get(timeout=120)
+            assert isinstance(msg, Done), msg  # without streaming the whole answer is in it
+            answers[msg.request_id] = msg.text
+    finally:
+        engine.stop()
+    right = sum(answers[f"t{i}"].strip() == t.answer for i, t in enumerate(tasks))
     assert right / len(tasks) >= HELD_OUT_FLOOR
 
 
