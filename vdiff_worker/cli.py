@@ -63,6 +63,12 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         default=None,
         help="tokenizer directory or Hugging Face id (default: --model's)",
     )
+    config.add(
+        g,
+        "--tokenizer-revision",
+        default=None,
+        help="branch, tag or commit of a Hugging Face id given to --tokenizer (default: main)",
+    )
     config.add(g, "--chat-template", default=None, help="Jinja chat template file")
     config.add(
         g,
@@ -367,6 +373,7 @@ async def serve(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             revision=args.revision,
             download_dir=args.download_dir,
+            tokenizer_revision=args.tokenizer_revision,
         )
     except CheckpointError as err:
         logger.error("cannot load model: {}", err)

@@ -488,3 +488,32 @@ def test_download_fetches_only_what_the_loader_reads(
     with pytest.raises(CheckpointError, match="the Hugging Face Hub has no model vdiff-test/x"):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         load_model("vdiff-test/x")
+
+
+def test_tokenizer_revision_picks_the_tokenizer_snapshot(offline: Path) -> None:
+    files = checkpoint_files(GOLDEN / "llada-tiny")
+    add_snapshot(offline, "vdiff-test/tok", files)
+    config = json.loads(files["tokenizer_config.json"]) | {"chat_template": "v2:{{ messages }}"}
+    add_snapshot(
+        offline,
+        "vdiff-test/tok",
+        files | {"tokenizer_config.json": json.dumps(config).encode()},
+        refs=("v2",),
+    )
+    model = str(GOLDEN / "llada-tiny")
+    chat = [{"role": "user", "content": "hi"}]
+    main = load_model(model, tokenizer_path="vdiff-test/tok").tokenizer
+    v2 = load_model(model, tokenizer_path="vdiff-test/tok", tokenizer_revision="v2").tokenizer
+    assert main.apply_chat_template(chat) != v2.apply_chat_template(chat)
+    assert v2.decode(v2.apply_chat_template(chat)).startswith("v2:")
+    # Without --tokenizer, the model id's own tokenizer at that revision (vLLM's reading).
+    add_snapshot(offline, LLADA_ID, files)
+    add_snapshot(
+        offline,
+        LLADA_ID,
+        files | {"tokenizer_config.json": json.dumps(config).encode()},
+        refs=("v2",),
+    )
+    own = load_model(LLADA_ID, tokenizer_revision="v2").tokenizer
+    assert own.decode(own.apply_chat_template(chat)).startswith("v2:")
+    assert cli.build_parser().parse_args(["--tokenizer-revision", "v2"]).tokenizer_revision == "v2"

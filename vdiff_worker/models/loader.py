@@ -147,9 +147,11 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     download_dir: str | None = None,
+    tokenizer_revision: str | None = None,
 ) -> LoadedModel:
     """Load ``path``: a checkpoint directory, or a Hugging Face id at ``revision`` (cached
-    in ``download_dir``, by default huggingface_hub's cache)."""
+    in ``download_dir``, by default huggingface_hub's cache); a ``tokenizer_path`` id is read
+    at ``tokenizer_revision``."""
     source = hub.locate(path, files=hub.CONFIG_FILES, revision=revision, download_dir=download_dir)
     if source.repo_id is None and revision:
         logger.warning(
@@ -172,7 +174,9 @@ def load_model(
         hub.check_complete(source)
     root = source.root
     # Before the weights: a wrong --tokenizer fails in seconds, not after loading them.
-    tok_root = _tokenizer_root(tokenizer_path, root, download_dir)
+    if tokenizer_path is None and tokenizer_revision and source.repo_id is not None:
+        tokenizer_path = path  # vLLM's reading: the model's own tokenizer at that revision
+    tok_root = _tokenizer_root(tokenizer_path, root, download_dir, tokenizer_revision)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, cfg, torch_device)
     logger.info("loading {} checkpoint {} as {} on {}", kind, root, torch_dtype, torch_device)
@@ -204,16 +208,34 @@ def load_model(
     )
 
 
-def _tokenizer_root(spec: str | None, root: Path, download_dir: str | None) -> Path:
-    """--tokenizer's directory: the checkpoint's own, a local one, or a Hub id's files.
-
-    An id's tokenizer comes from its default revision: --revision is the model's.
-    """
+def _tokenizer_root(
+    spec: str | None, root: Path, download_dir: str | None, revision: str | None
+) -> Path:
+    """--tokenizer's directory: the checkpoint's own, a local one, or a Hub id's files at
+    --tokenizer-revision (as vLLM, --revision is the model's alone)."""
     if spec is None:
+        if revision:
+            logger.warning(
+                "--tokenizer-revision {} applies to Hugging Face ids; the tokenizer of {} is "
+                "served as it is",
+                revision,
+                root,
+            )
         return root
     source = hub.locate(
-        spec, files=hub.TOKENIZER_FILES, download_dir=download_dir, what="tokenizer"
+        spec,
+        files=hub.TOKENIZER_FILES,
+        revision=revision,
+        download_dir=download_dir,
+        what="tokenizer",
     )
+    if source.repo_id is None and revision:
+        logger.warning(
+            "--tokenizer-revision {} applies to Hugging Face ids; {} is a local directory, "
+            "served as it is",
+            revision,
+            spec,
+        )
     if source.repo_id is not None:
         hub.check_complete(source, weights=False)
     return source.root
