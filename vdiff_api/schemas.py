@@ -73,3 +73,67 @@ class DetokenizeRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
 
     model: str | None = None
     tokens: list[TokenId]
+
+
+# ---- responses (completions and chat; UNSET fields are left out of the JSON) ----------------
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    forward_passes: int  # model passes, APD's verifier's included (vdiff's own field)
+
+
+class AssistantMessage(msgspec.Struct):
+    content: str
+    role: str = "assistant"
+
+
+class Choice(msgspec.Struct):
+    """One whole choice: ``text`` for completions, ``message`` for chat."""
+
+    index: int
+    finish_reason: str | None
+    logprobs: None = None
+    text: str | msgspec.UnsetType = msgspec.UNSET
+    message: AssistantMessage | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+
+
+class Delta(msgspec.Struct):
+    role: str | msgspec.UnsetType = msgspec.UNSET
+    content: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class StreamChoice(msgspec.Struct):
+    """One streamed choice: new ``text`` (completions) or a ``delta`` (chat)."""
+
+    index: int
+    finish_reason: str | None
+    logprobs: None = None
+    text: str | msgspec.UnsetType = msgspec.UNSET
+    delta: Delta | msgspec.UnsetType = msgspec.UNSET
+    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+
+
+class Completion(msgspec.Struct):
+    """A whole response (``object``: "text_completion" or "chat.completion")."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class CompletionChunk(msgspec.Struct):
+    """One streamed event; the last, with include_usage, has no choices and the usage."""
+
+    id: str
+    object: str
+    created: int
+    model: str
+    choices: list[StreamChoice]
+    usage: Usage | msgspec.UnsetType = msgspec.UNSET
