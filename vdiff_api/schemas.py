@@ -90,15 +90,18 @@ class AssistantMessage(msgspec.Struct):
     role: str = "assistant"
 
 
-class Choice(msgspec.Struct):
-    """One whole choice: ``text`` for completions, ``message`` for chat."""
-
+class _Choice(msgspec.Struct):
     index: int
     finish_reason: str | None
     logprobs: None = None
-    text: str | msgspec.UnsetType = msgspec.UNSET
-    message: AssistantMessage | msgspec.UnsetType = msgspec.UNSET
+    text: str | msgspec.UnsetType = msgspec.UNSET  # completions; chat has message or delta
     token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
+
+
+class Choice(_Choice):
+    """One whole choice: ``text`` for completions, ``message`` for chat."""
+
+    message: AssistantMessage | msgspec.UnsetType = msgspec.UNSET
 
 
 class Delta(msgspec.Struct):
@@ -106,15 +109,10 @@ class Delta(msgspec.Struct):
     content: str | msgspec.UnsetType = msgspec.UNSET
 
 
-class StreamChoice(msgspec.Struct):
+class StreamChoice(_Choice):
     """One streamed choice: new ``text`` (completions) or a ``delta`` (chat)."""
 
-    index: int
-    finish_reason: str | None
-    logprobs: None = None
-    text: str | msgspec.UnsetType = msgspec.UNSET
     delta: Delta | msgspec.UnsetType = msgspec.UNSET
-    token_ids: list[int] | msgspec.UnsetType = msgspec.UNSET
 
 
 class Completion(msgspec.Struct):

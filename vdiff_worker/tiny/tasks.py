@@ -69,15 +69,21 @@ class Task:
     answer: str
 
 
-def _add(r: random.Random) -> Task:
-    a, b = r.randint(0, 999), r.randint(0, 999)
-    return Task("add", f"What is {a} + {b}?", str(a + b))
+def _sums(kind: str, top: int) -> Callable[[random.Random], Task]:
+    def draw(r: random.Random) -> Task:
+        a, b = r.randint(0, top), r.randint(0, top)
+        return Task(kind, f"What is {a} + {b}?", str(a + b))
+
+    return draw
 
 
-def _sub(r: random.Random) -> Task:
-    a = r.randint(1, 999)
-    b = r.randint(0, a)
-    return Task("sub", f"What is {a} - {b}?", str(a - b))
+def _differences(kind: str, low: int, top: int) -> Callable[[random.Random], Task]:
+    def draw(r: random.Random) -> Task:
+        a = r.randint(low, top)
+        b = r.randint(0, a)
+        return Task(kind, f"What is {a} - {b}?", str(a - b))
+
+    return draw
 
 
 def _sort(r: random.Random) -> Task:
@@ -120,30 +126,19 @@ def _capital(r: random.Random) -> Task:
     return Task("capital", f"What is the capital of {country}?", CAPITALS[country])
 
 
-def _add_digits(r: random.Random) -> Task:
-    a, b = r.randint(0, 9), r.randint(0, 9)
-    return Task("add_digits", f"What is {a} + {b}?", str(a + b))
-
-
-def _sub_digits(r: random.Random) -> Task:
-    a = r.randint(0, 9)
-    b = r.randint(0, a)
-    return Task("sub_digits", f"What is {a} - {b}?", str(a - b))
-
-
 # New kinds go at the end: suite() draws kind by kind from one generator, so the instances of
 # the kinds before them stay what they were.
 KINDS: dict[str, Callable[[random.Random], Task]] = {
-    "add": _add,
-    "sub": _sub,
+    "add": _sums("add", 999),
+    "sub": _differences("sub", 1, 999),
     "sort": _sort,
     "reverse": _reverse,
     "repeat": _repeat,
     "count": _count,
     "max": _max,
     "capital": _capital,
-    "add_digits": _add_digits,
-    "sub_digits": _sub_digits,
+    "add_digits": _sums("add_digits", 9),
+    "sub_digits": _differences("sub_digits", 0, 9),
 }
 
 
