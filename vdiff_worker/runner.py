@@ -178,6 +178,7 @@ class Runner:
         device = next(model.parameters()).device
         if first.new_tokens:  # a transformers model with a sampler of its own
             self._guard(*first.input_ids.shape)
+            torch.manual_seed(first.seed)
             out = model.generate(first.input_ids.to(device), max_new_tokens=first.new_tokens)
             self._count(int(first.input_ids.shape[0]))
             tokens = out.sequences[:, first.input_ids.shape[1] :]

@@ -62,8 +62,10 @@ class Forward:
     logits: tuple[int, int] | None = None
     model: str = "main"  # "main" or "verifier"
     # > 0: run the model's own generate for this many new tokens (models served through
-    # transformers with a sampler of their own, such as DiffusionGemma).
+    # transformers with a sampler of their own, such as DiffusionGemma); it draws from torch's
+    # global generator, which is seeded with ``seed`` first.
     new_tokens: int = 0
+    seed: int = 0
 
     @property
     def span(self) -> tuple[int, int]:
