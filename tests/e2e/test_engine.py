@@ -14,8 +14,24 @@ import pytest
 
 from tests.conftest import GOLDEN, Server, start_allinone
 
-CASES = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"]
-PROMPTS = [c["prompt_ids"] for c in CASES if "prompt_ids" in c][:8]
+SHARED = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())
+CASES = [c for c in SHARED["generate"] if "prompt_ids" in c][:8]
+PROMPTS = [c["prompt_ids"] for c in CASES]
+# The settings of those eight golden cases (LLaDA's generate, one token a step), and their
+# answers: what a request with them must give, alone or batched.
+assert all(c["params"] == CASES[0]["params"] for c in CASES)
+REFERENCE = {
+    "decoding": "reference",
+    "max_tokens": CASES[0]["params"]["gen_length"],
+    "diffusion_steps": CASES[0]["params"]["steps"],
+    "block_length": CASES[0]["params"]["block_length"],
+    "temperature": 0.0,
+}
+STOP = {SHARED["eos_token_id"], 485}  # <|endoftext|>, <|eot_id|>
+ANSWERS = [
+    c["output_ids"][: next((i for i, t in enumerate(c["output_ids"]) if t in STOP), None)]
+    for c in CASES
+]
 
 
 def _start(tmp: Path, *flags: str, env: dict[str, str] | None = None) -> Server:
@@ -59,6 +75,12 @@ def _active(s: Server) -> int:
 
 
 def test_concurrent_requests_give_the_tokens_they_give_alone(server: Server) -> None:
+    # With the golden settings, eight at once give the reference's answers.
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        assert list(pool.map(lambda p: _tokens(_complete(server, p, **REFERENCE)), PROMPTS)) == (
+            ANSWERS
+        )
+    # With the default (threshold + dual cache), the answers each gives alone.
     alone = [_tokens(_complete(server, p)) for p in PROMPTS]
     time.sleep(0.5)  # the counters ride on heartbeats (every 0.2 s here)
     before = _stats(server)
@@ -165,18 +187,17 @@ def test_queue_overflow_gets_429_with_retry_after(tmp_path: Path) -> None:
         s.procs[0].stop()
 
 
-def test_out_of_memory_splits_the_batch_and_a_too_big_request_fails_alone(
-    tmp_path: Path, server: Server
-) -> None:
-    alone = [_tokens(_complete(server, p)) for p in PROMPTS[:4]]
-    # Any pass over more than 2 x 60 tokens "runs out of memory": batches of 4 must split.
+def test_out_of_memory_splits_the_batch_and_a_too_big_request_fails_alone(tmp_path: Path) -> None:
+    # Any pass over more than 2 x 60 tokens "runs out of memory": batches of 4 must split, and
+    # the split batches still give the reference's answers (the golden settings).
     s = _start(tmp_path, env={"VDIFF_FAULT_OOM_TOKENS": "120"})
     try:
         with ThreadPoolExecutor(5) as pool:
-            futures = [pool.submit(_complete, s, p) for p in PROMPTS[:4]]
+            futures = [pool.submit(_complete, s, p, **REFERENCE) for p in PROMPTS[:4]]
             too_big = pool.submit(_complete, s, PROMPTS[0] * 5)
             got = [_tokens(f.result()) for f in futures]
-        assert got == alone
+        assert got == ANSWERS[:4]
+        assert "out of memory on a batch of" in s.procs[0].output()  # it did split
         assert too_big.result().status_code == 503
         assert "out of memory" in too_big.result().json()["error"]["message"]
         assert _complete(s, PROMPTS[0]).status_code == 200  # the worker stayed up

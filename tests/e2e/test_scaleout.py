@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -16,9 +17,20 @@ import pytest
 from tests.conftest import GOLDEN, Proc, free_port, spawn, wait_ready
 
 HB = "0.2"  # heartbeat interval: a dead peer is noticed after 0.6 s
-PROMPT = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"][0][
-    "prompt_ids"
-]
+CASES = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())
+CASE = CASES["generate"][0]
+PROMPT = CASE["prompt_ids"]
+# The golden case's own settings, so an answer can be checked against LLaDA's generate().
+GOLDEN_BODY = {
+    "decoding": "reference",
+    "max_tokens": CASE["params"]["gen_length"],
+    "diffusion_steps": CASE["params"]["steps"],
+    "block_length": CASE["params"]["block_length"],
+    "temperature": 0.0,
+    "return_token_ids": True,
+}
+STOP = {CASES["eos_token_id"], 485}  # <|endoftext|>, <|eot_id|>
+WANT = CASE["output_ids"][: next(i for i, t in enumerate(CASE["output_ids"]) if t in STOP)]
 
 
 @dataclass
@@ -86,8 +98,13 @@ def _until(cond: object, timeout: float = 30.0) -> None:
 
 
 def _complete(base: str, model: str = "llada-tiny", **extra: object) -> httpx.Response:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": 32, **extra}
+    body = {"model": model, "prompt": PROMPT, **GOLDEN_BODY, **extra}
     return httpx.post(base + "/v1/completions", json=body, timeout=60)
+
+
+def _golden(r: httpx.Response) -> bool:
+    """An answer, and the reference's: not just a 200."""
+    return r.status_code == 200 and r.json()["choices"][0]["token_ids"] == WANT
 
 
 def test_killed_worker_mid_stream_then_restarted(cluster: Cluster) -> None:
@@ -151,7 +168,7 @@ def test_killed_worker_mid_stream_then_restarted(cluster: Cluster) -> None:
     cluster.worker("w1")
     _until(lambda: set(_workers(base)) == {"w1", "w2"})
     for _ in range(4):
-        assert _complete(base).status_code == 200
+        assert _golden(_complete(base))
 
 
 def test_unstarted_job_of_a_dead_worker_is_retried_on_another(cluster: Cluster) -> None:
@@ -160,11 +177,11 @@ def test_unstarted_job_of_a_dead_worker_is_retried_on_another(cluster: Cluster) 
     cluster.worker("w2")
     _until(lambda: len(_workers(base)) == 2)
     # A non-streaming request that produces no output before its worker dies is retried.
-    results: list[int] = []
     body = {"max_tokens": 128, "diffusion_steps": 128, "block_length": 128, "eos_early_stop": False}
+    want = _complete(base, **body).json()["choices"][0]["token_ids"]
+    results: list[httpx.Response] = []
     threads = [
-        threading.Thread(target=lambda: results.append(_complete(base, **body).status_code))
-        for _ in range(2)
+        threading.Thread(target=lambda: results.append(_complete(base, **body))) for _ in range(2)
     ]
     for t in threads:
         t.start()
@@ -172,15 +189,24 @@ def test_unstarted_job_of_a_dead_worker_is_retried_on_another(cluster: Cluster) 
     cluster.workers["w1"].stop(signal.SIGKILL)
     for t in threads:
         t.join(timeout=60)
-    assert results == [200, 200]
+    # Both answered, with the tokens an undisturbed run gives, and the gateway's access log
+    # says the retried one went to w1 and then to w2.
+    assert [r.status_code for r in results] == [200, 200]
+    assert [r.json()["choices"][0]["token_ids"] for r in results] == [want, want]
+    assert re.search(
+        r"status=200 model=llada-tiny .* worker=w1,w2 ", cluster.gateways["g"][2].output()
+    )
 
 
 def test_two_gateways_one_worker(cluster: Cluster) -> None:
     a, b = cluster.gateway("a"), cluster.gateway("b")
     cluster.worker("w")
     _until(lambda: _workers(a) and _workers(b))
-    assert _complete(a).status_code == 200
-    assert _complete(b).status_code == 200
+    assert _golden(_complete(a)) and _golden(_complete(b))
+    for g in ("a", "b"):  # each gateway's access log names the worker that answered
+        assert re.search(
+            r"status=200 model=llada-tiny .* worker=w ", cluster.gateways[g][2].output()
+        )
 
 
 def test_restarted_gateway_is_rejoined_without_worker_restart(cluster: Cluster) -> None:
@@ -191,7 +217,7 @@ def test_restarted_gateway_is_rejoined_without_worker_restart(cluster: Cluster) 
     cluster.gateways["g"][2].stop(signal.SIGKILL)
     cluster.gateway("g", port, zport)
     _until(lambda: _workers(base), timeout=10)
-    assert _complete(base).status_code == 200
+    assert _golden(_complete(base))
 
 
 def test_model_pools_behind_one_gateway(cluster: Cluster) -> None:
@@ -201,7 +227,7 @@ def test_model_pools_behind_one_gateway(cluster: Cluster) -> None:
     _until(lambda: len(_workers(base)) == 2)
     models = {m["id"] for m in httpx.get(base + "/v1/models").json()["data"]}
     assert models == {"llada-tiny", "ar-tiny"}
-    assert _complete(base, "llada-tiny").status_code == 200
+    assert _golden(_complete(base, "llada-tiny"))
     r = httpx.post(
         base + "/v1/completions",
         timeout=60,
@@ -222,11 +248,15 @@ def test_rolling_sigterm_loses_no_request(cluster: Cluster) -> None:
     cluster.worker("w2")
     _until(lambda: len(_workers(base)) == 2)
     codes: list[int] = []
+    wrong: list[str] = []
     stop = threading.Event()
 
     def client() -> None:
         while not stop.is_set():
-            codes.append(_complete(base).status_code)
+            r = _complete(base)
+            codes.append(r.status_code)
+            if r.status_code == 200 and not _golden(r):
+                wrong.append(r.text)
 
     threads = [threading.Thread(target=client) for _ in range(3)]
     for t in threads:
@@ -241,3 +271,4 @@ def test_rolling_sigterm_loses_no_request(cluster: Cluster) -> None:
     for t in threads:
         t.join(timeout=60)
     assert codes and set(codes) == {200}, codes
+    assert not wrong  # every answer the reference's, across both drains
