@@ -3,52 +3,60 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
-from tests.conftest import start_allinone
+from tests.conftest import Server, start_allinone
 from tests.worker.test_models_diffusion_gemma import build_checkpoint
 from vdiff_worker.models import load_model
 
 
-def test_chat_through_the_server(tmp_path: Path) -> None:
-    model = build_checkpoint(tmp_path / "diffusion-gemma-tiny")
-    s = start_allinone(tmp_path, "--model", str(model))
-    try:
-        assert [m["id"] for m in httpx.get(s.url + "/models").json()["data"]] == [
-            "diffusion-gemma-tiny"
-        ]
-        r = httpx.post(
-            s.url + "/chat/completions",
-            timeout=120,
-            json={
-                "messages": [{"role": "user", "content": "What is 2 + 3?"}],
-                "max_tokens": 8,
-                "return_token_ids": True,
-            },
-        )
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert 0 < body["usage"]["completion_tokens"] <= 8
-        assert body["usage"]["forward_passes"] == 1  # one generate call
-        assert len(body["choices"][0]["token_ids"]) <= 8
-        r = httpx.post(
-            s.url + "/completions",
-            timeout=60,
-            json={"prompt": "hi", "max_tokens": 8, "temperature": 0.7},
-        )
-        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
-    finally:
-        assert s.procs[0].stop() == 0
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("dg") / "diffusion-gemma-tiny")
 
 
-def test_the_servers_tokens_are_transformers_generate(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def server(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    s = start_allinone(tmp_path_factory.mktemp("dg-server"), "--model", str(model))
+    yield s
+    assert s.procs[0].stop() == 0
+
+
+def test_chat_through_the_server(server: Server) -> None:
+    assert [m["id"] for m in httpx.get(server.url + "/models").json()["data"]] == [
+        "diffusion-gemma-tiny"
+    ]
+    r = httpx.post(
+        server.url + "/chat/completions",
+        timeout=120,
+        json={
+            "messages": [{"role": "user", "content": "What is 2 + 3?"}],
+            "max_tokens": 8,
+            "return_token_ids": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert 0 < body["usage"]["completion_tokens"] <= 8
+    assert body["usage"]["forward_passes"] == 1  # one generate call
+    assert len(body["choices"][0]["token_ids"]) <= 8
+    r = httpx.post(
+        server.url + "/completions",
+        timeout=60,
+        json={"prompt": "hi", "max_tokens": 8, "temperature": 0.7},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_the_servers_tokens_are_transformers_generate(model: Path, server: Server) -> None:
     # The same seeded checkpoint in this process: generate seeded as the worker seeds it, over
     # more than one 8-token canvas; the server's answer (cut at the first stop token, as the
     # server cuts it) must be those tokens, streamed or not.
-    model = build_checkpoint(tmp_path / "diffusion-gemma-tiny")
     local = load_model(str(model))
     prompt = local.tokenizer.encode("What is 2 + 3?")
 
@@ -60,20 +68,16 @@ def test_the_servers_tokens_are_transformers_generate(tmp_path: Path) -> None:
         stops = [i for i, t in enumerate(tokens) if t in local.tokenizer.stop_token_ids]
         return tokens[: stops[0]] if stops else tokens
 
-    s = start_allinone(tmp_path, "--model", str(model))
-    try:
-        body = {"prompt": prompt, "max_tokens": 20, "return_token_ids": True, "seed": 5}
-        r = httpx.post(s.url + "/completions", timeout=120, json={**body, "n": 2})
-        assert r.status_code == 200, r.text
-        got = [c["token_ids"] for c in r.json()["choices"]]
-        assert got == [reference(5), reference(6)] and got[0] != got[1]
-        streamed: list[int] = []
-        with httpx.stream(
-            "POST", s.url + "/completions", timeout=120, json={**body, "stream": True}
-        ) as events:
-            for line in events.iter_lines():
-                if line.startswith("data: {"):
-                    streamed += json.loads(line[6:])["choices"][0].get("token_ids", [])
-        assert streamed == reference(5)
-    finally:
-        assert s.procs[0].stop() == 0
+    body = {"prompt": prompt, "max_tokens": 20, "return_token_ids": True, "seed": 5}
+    r = httpx.post(server.url + "/completions", timeout=120, json={**body, "n": 2})
+    assert r.status_code == 200, r.text
+    got = [c["token_ids"] for c in r.json()["choices"]]
+    assert got == [reference(5), reference(6)] and got[0] != got[1]
+    streamed: list[int] = []
+    with httpx.stream(
+        "POST", server.url + "/completions", timeout=120, json={**body, "stream": True}
+    ) as events:
+        for line in events.iter_lines():
+            if line.startswith("data: {"):
+                streamed += json.loads(line[6:])["choices"][0].get("token_ids", [])
+    assert streamed == reference(5)

@@ -151,7 +151,9 @@ def test_held_out_accuracy_through_the_engine(tiny: LoadedModel) -> None:
     # process: what a request gets, not what the training script's decoder gets.
     tasks = suite(n_per_kind=8, seed=HELD_OUT_SEED)
     outbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-    engine = Engine(tiny, Defaults(), outbox.put, max_num_seqs=16)
+    engine = Engine(
+        tiny, Defaults(), outbox.put, max_num_seqs=len(tasks), max_queue_size=len(tasks)
+    )
     engine.start()
     try:
         params = SamplingParams(
