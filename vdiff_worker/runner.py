@@ -66,7 +66,6 @@ class Runner:
         self.stores: dict[str, SlotStore] = {}
         self.calls = 0  # model calls since start
         self.rows = 0  # rows those calls carried
-        self.transfers = 0  # device-to-host copies of fetched values
         # Fault-injection hook for tests of the memory guard: a model call over this many
         # tokens (rows x length) raises OutOfMemoryError as a real device would.
         self._oom_tokens = int(os.environ.get("VDIFF_FAULT_OOM_TOKENS", "0"))
@@ -140,7 +139,6 @@ class Runner:
         tensors = [t for f in fetches for t in f.tensors]
         device = next((t.device for t in tensors if t.device.type != "cpu"), None)
         if device is not None:
-            self.transfers += 1
             flat = torch.cat([t.reshape(-1).to(device, torch.float64) for t in tensors]).cpu()
             parts = flat.split([t.numel() for t in tensors])
             tensors = [p.view(t.shape).to(t.dtype) for p, t in zip(parts, tensors)]
