@@ -13,9 +13,9 @@ import msgspec
 PROTOCOL_VERSION = 3  # 2: Tokenize / Tokens; 3: Generate.stream, the answer's tail in Done
 
 FinishReason = Literal["stop", "length"]
-ModelKind = Literal["llada", "dream", "ar", "diffusion_gemma"]
+ModelKind = Literal["llada", "dream", "ar", "diffusion_gemma", "llada2"]
 # The decoding strategies by name; which models each decodes is vdiff_worker.decoding's table.
-Decoding = Literal["reference", "threshold", "factor", "apd"]
+Decoding = Literal["reference", "threshold", "factor", "apd", "editing"]
 DECODINGS: tuple[Decoding, ...] = get_args(Decoding)
 Cache = Literal["none", "prefix", "dual"]
 Remasking = Literal["low_confidence", "random"]
@@ -96,6 +96,11 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     apd_mixture_weight: Prob | None = None
     apd_kv_window: PosInt | None = None
     apd_max_lookahead: PosInt | None = None
+    # LLaDA2.1's editing rule: the confidence at which a committed token is replaced, the
+    # passes allowed after a block's last mask, the masks committed per pass at least.
+    editing_threshold: Prob | None = None
+    max_post_steps: Annotated[int, msgspec.Meta(ge=0, le=1 << 20)] | None = None
+    num_to_transfer: PosInt | None = None
     eos_early_stop: bool = True
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -13,9 +14,17 @@ from vdiff_worker.decoding.base import Context, ParamError, Settings, Strategy
 from vdiff_worker.models.loader import LoadedModel
 from vdiff_worker.sequence import Sequence
 
+T = TypeVar("T")
+
 # Fast by default: what a request that names no decoding gets, per model kind, unless the
 # server was started with --decoding. (decoding, cache)
 FAST = {"llada": ("threshold", "dual"), "dream": ("threshold", "dual")}
+# The cache a request that names none gets, whatever its decoding: LLaDA2's block cache is
+# exact, so it is on even for the reference sampler.
+CACHE = {"llada2": "prefix"}
+# The confidence threshold a request that sets none gets, unless the server sets one:
+# Fast-dLLM's 0.9; LLaDA2's authors and SGLang serve it at 0.95.
+THRESHOLD = {"llada2": 0.95}
 
 
 def reference_only(p: SamplingParams, kind: str) -> str | None:
@@ -42,7 +51,7 @@ class Defaults:
     decoding: str | None = None  # None: FAST for the model's kind, else the reference
     remasking: str = "low_confidence"
     temperature: float = 0.0
-    threshold: float = 0.9
+    threshold: float | None = None  # None: THRESHOLD for the model's kind, else 0.9
     factor: float = 1.0  # Fast-dLLM's default
     cache: str | None = None  # None: the fast default's cache, else none
     alg: str = "entropy"
@@ -65,17 +74,19 @@ class Admission:
     def decoding(self, p: SamplingParams) -> tuple[str, str]:
         """(decoding, cache) the request runs with."""
         d, kind = self.defaults, self.loaded.kind
+        cache = p.cache or d.cache or CACHE.get(kind, "none")
         if p.decoding is not None or d.decoding is not None:
-            return p.decoding or d.decoding or "reference", p.cache or d.cache or "none"
+            return p.decoding or d.decoding or "reference", cache
         if kind in FAST and reference_only(p, kind) is None:
-            decoding, cache = FAST[kind]
-            return decoding, p.cache or d.cache or cache
-        return "reference", p.cache or d.cache or "none"
+            decoding, fast_cache = FAST[kind]
+            return decoding, p.cache or d.cache or fast_cache
+        return "reference", cache
 
     def settings(self, p: SamplingParams, cls: type[Strategy], cache: str) -> Settings:
         d = self.defaults
         gen = p.max_tokens or d.max_tokens
-        block = min(p.block_length or d.block_length, gen)
+        block = cls.block_length(p.block_length or d.block_length, gen)
+        threshold = THRESHOLD.get(self.loaded.kind, 0.9) if d.threshold is None else d.threshold
         return Settings(
             gen_length=gen,
             steps=p.diffusion_steps or d.diffusion_steps or cls.default_steps(gen, block),
@@ -84,20 +95,19 @@ class Admission:
             top_p=p.top_p,
             top_k=p.top_k,
             remasking=p.remasking or d.remasking,
-            threshold=d.threshold if p.threshold is None else p.threshold,
+            threshold=threshold if p.threshold is None else p.threshold,
             factor=d.factor if p.factor is None else p.factor,
             cache=cache,
             cfg_scale=p.cfg_scale,
             alg=p.alg or d.alg,
             alg_temp=p.alg_temp,
-            apd_mixture_weight=(
-                Settings.apd_mixture_weight
-                if p.apd_mixture_weight is None
-                else p.apd_mixture_weight
-            ),
+            apd_mixture_weight=_given(p.apd_mixture_weight, Settings.apd_mixture_weight),
             apd_kv_window=p.apd_kv_window,
             apd_max_lookahead=p.apd_max_lookahead,
             max_parallel=d.max_parallel,
+            editing_threshold=_given(p.editing_threshold, Settings.editing_threshold),
+            max_post_steps=_given(p.max_post_steps, Settings.max_post_steps),
+            num_to_transfer=_given(p.num_to_transfer, Settings.num_to_transfer),
             models=self.models,
         )
 
@@ -131,11 +141,16 @@ class Admission:
         cls.check(settings)
         ids = self.prompt_ids(job)
         limit = self.loaded.max_model_len
-        if len(ids) + settings.gen_length > limit:
+        if cls.positions(len(ids), settings) > limit:
+            blocks = (
+                ""
+                if cls.positions(len(ids), settings) == len(ids) + settings.gen_length
+                else f", in whole blocks of {settings.block_length},"
+            )
             raise ParamError(
                 "max_tokens",
                 f"prompt ({len(ids)} tokens) plus max_tokens "
-                f"({settings.gen_length}) exceeds the model's "
+                f"({settings.gen_length}){blocks} exceeds the model's "
                 f"maximum context length of {limit} tokens",
             )
         device = self.loaded.device
@@ -148,7 +163,13 @@ class Admission:
             gen = torch.Generator(device=device)
             seed = job.params.seed
             gen.manual_seed(seed + i if seed is not None else int(torch.randint(2**62, ())))
-            ctx = Context(prompt=prompt, settings=settings, mask_id=mask_id, generator=gen)
+            ctx = Context(
+                prompt=prompt,
+                settings=settings,
+                mask_id=mask_id,
+                generator=gen,
+                eos_ids=self.loaded.tokenizer.eos_token_ids,
+            )
             out.append(
                 Sequence(
                     request_id=job.request_id,
@@ -165,3 +186,7 @@ class Admission:
                 )
             )
         return out
+
+
+def _given(value: T | None, default: T) -> T:
+    return default if value is None else value

@@ -112,9 +112,10 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
     config.add(
         g,
         "--apd-threshold",
-        default=0.9,
+        default=None,
         type=float,
-        help="default confidence threshold of decoding 'threshold' (Fast-dLLM)",
+        help="default confidence threshold of decoding 'threshold' (Fast-dLLM) and of "
+        "LLaDA2's decodings (default: 0.9; 0.95 for LLaDA2)",
     )
     config.add(
         g,
@@ -278,7 +279,7 @@ def _device(name: str) -> str:
 
 def check_decoding_flags(args: argparse.Namespace) -> None:
     """Refuse decoding flags that cannot work, before anything is loaded."""
-    if not 0.0 <= args.apd_threshold <= 1.0:
+    if args.apd_threshold is not None and not 0.0 <= args.apd_threshold <= 1.0:
         raise ValueError(f"--apd-threshold must be within [0, 1], not {args.apd_threshold}")
     if args.apd_max_parallel is not None and args.apd_max_parallel < 1:
         raise ValueError(f"--apd-max-parallel must be at least 1, not {args.apd_max_parallel}")
@@ -336,6 +337,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     from vdiff_worker import accel
     from vdiff_worker.admission import Defaults
+    from vdiff_worker.decoding import ParamError, strategy_for
     from vdiff_worker.engine import Engine
     from vdiff_worker.metrics import WorkerMetrics
     from vdiff_worker.metrics import serve as serve_metrics
@@ -387,6 +389,12 @@ async def serve(args: argparse.Namespace) -> int:
             )
             return 2
         loaded.max_model_len = args.max_model_len
+    if args.decoding is not None:
+        try:
+            strategy_for(loaded.kind, args.decoding)
+        except ParamError as err:
+            logger.error("--decoding {}: {}", args.decoding, err)
+            return 2
     try:
         verifier = load_verifier(args, loaded)
     except (CheckpointError, ValueError) as err:

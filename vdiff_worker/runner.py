@@ -4,7 +4,9 @@ Passes that one model call can serve together share it, padded to a common width
 
 - plain passes of a model (no cache), whatever their lengths;
 - cached passes of a model, each row writing to and attending to its own slot, at any
-  position and with a cache of any length (vdiff_worker.models.kvcache).
+  position and with a cache of any length (vdiff_worker.models.kvcache);
+- block-causal passes (LLaDA2) with the others of their kind: each query's key count is laid
+  out on the host, so rows at different blocks, with different block lengths, share a call.
 
 Only these split a step into several calls: a different model (APD's verifier), a pass with a
 cache against one without (a plain row has no slot to attend through), a model's own
@@ -188,14 +190,17 @@ class Runner:
         if self.shape_buckets and not cached:
             width = -(-width // SHAPE_BUCKET) * SHAPE_BUCKET
             filler = (1 << (rows_in - 1).bit_length()) - rows_in
-        ids, pos, heads = [], [], []
+        ids, pos, heads, limits = [], [], [], []
         lengths: list[int] = []
+        causal = any(c.forward.block for c in calls)
         for c in calls:
             f = c.forward
             rows, length = f.input_ids.shape
             pad = width - int(length)
             ids.append(torch.nn.functional.pad(f.input_ids, (0, pad)))
             pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
+            if causal:
+                limits.append(_limits(f, pos[-1]))
             lo, hi = f.span
             for _ in range(rows):
                 heads.append(torch.arange(lo, hi) + len(lengths) * width)
@@ -203,19 +208,23 @@ class Runner:
         if filler:  # rows of padding only; their outputs are dropped
             ids.append(first.input_ids.new_zeros(filler, width))
             pos.append(first.input_ids.new_zeros(filler, width))
+            limits.append(first.input_ids.new_zeros(filler, width))
             lengths += [0] * filler
         self._guard(rows_in + filler, width)
         key_mask, cache = None, None
         if cached:
             cache = self._slots(calls, lengths)
-        elif min(lengths) < width:
+        elif min(lengths) < width and not causal:
             key_mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(device)
+        # Only block-causal models take per-query key counts.
+        extra = {"limits": torch.cat(limits).to(device)} if causal else {}
         out = model(
             torch.cat(ids).to(device),
             position_ids=torch.cat(pos).to(device),
             key_mask=key_mask,
             cache=cache,
             heads=torch.cat(heads).to(device),
+            **extra,
         )
         self._count(rows_in + filler)
         results, at = [], 0
@@ -239,6 +248,16 @@ class Runner:
             write.append(c.forward.cached.write)
             keys.append(c.forward.cached.keys)
         return SlotBatch(store, slots, write, lengths, keys)
+
+
+def _limits(f: Forward, positions: Tensor) -> Tensor:
+    """Each query's key count ([rows, width], padding included): the pass's keys (its own
+    tokens, or its slot up to ``cached.keys``), and with ``block`` no key past the end of the
+    query's block."""
+    keys = f.cached.keys if f.cached is not None else int(f.input_ids.shape[1])
+    if not f.block:
+        return torch.full_like(positions, keys)
+    return ((positions // f.block + 1) * f.block).clamp(max=keys)
 
 
 def _by_width(calls: list[Call], index: list[int]) -> list[list[int]]:

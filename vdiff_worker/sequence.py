@@ -71,14 +71,17 @@ class Sequence:
         self.pending = None
 
     def collect(self) -> None:
-        """Release new text committed contiguously from the left, with stop tokens/strings
-        applied; it waits in `unsent_*` for the next Chunk or the Done."""
+        """Release new text committed contiguously from the left (and settled, where the
+        strategy may still edit), with stop tokens/strings applied; it waits in `unsent_*`
+        for the next Chunk or the Done."""
         if self.finish_reason is not None:
             return
         canvas = self.ctx.canvas.tolist()
         mask = self.ctx.mask_id
+        settled = self.strategy.settled
+        final = len(canvas) if settled is None else settled
         new: list[int] = []
-        while self._scanned < len(canvas) and canvas[self._scanned] != mask:
+        while self._scanned < final and canvas[self._scanned] != mask:
             tok = canvas[self._scanned]
             self._scanned += 1
             if tok in self.stop_ids:

@@ -34,6 +34,9 @@ EXAMPLES: dict[str, Any] = {
     "apd_mixture_weight": 0.5,
     "apd_kv_window": 8,
     "apd_max_lookahead": 12,
+    "editing_threshold": 0.6,
+    "max_post_steps": 4,
+    "num_to_transfer": 2,
     "eos_early_stop": False,
 }
 SPELLED = {"stop", "stop_token_ids"}  # HTTP also takes one stop string, and None for both

@@ -34,6 +34,13 @@ DREAM = [
     for c in json.loads((GOLDEN / "cases" / "shared_dream.json").read_text())["generate"]
     if "prompt_ids" in c
 ]
+LLADA2 = list(
+    {
+        tuple(c["prompt_ids"]): c["prompt_ids"]
+        for c in json.loads((GOLDEN / "cases" / "shared_llada2.json").read_text())["generate"]
+    }.values()
+)
+PROMPTS = {"llada": LLADA, "dream": DREAM, "ar": DREAM, "llada2": LLADA2}
 
 MODES: list[tuple[str, dict[str, Any]]] = [
     ("llada", {"decoding": "reference", "diffusion_steps": 16, "block_length": 8}),
@@ -51,6 +58,10 @@ MODES: list[tuple[str, dict[str, Any]]] = [
     # One token drafted per round: the verifier's pass reads no logits at all.
     ("dream", {"decoding": "apd", "apd_kv_window": 4, "apd_max_lookahead": 1}),
     ("ar", {}),
+    ("llada2", {"decoding": "reference", "block_length": 8}),
+    ("llada2", {"decoding": "reference", "cache": "none", "block_length": 8}),
+    ("llada2", {"decoding": "editing", "threshold": 0.5, "editing_threshold": 0.5}),
+    ("llada2", {"block_length": 4}),  # the default, with blocks of different lengths below
 ]
 
 
@@ -96,6 +107,7 @@ def _engines(wrap: Callable[[Any], Any] = lambda m: m) -> Iterator[dict[str, Har
         "llada": _harness("llada-tiny", wrap=wrap),
         "dream": _harness("dream-tiny", "ar-tiny", wrap=wrap),
         "ar": _harness("ar-tiny", wrap=wrap),
+        "llada2": _harness("llada2-tiny", wrap=wrap),
     }
     yield {k: next(g) for k, g in gens.items()}
     for g in gens.values():
@@ -171,7 +183,7 @@ def test_batched_equals_alone(
     engines: dict[str, Harness], kind: str, fields: dict[str, Any]
 ) -> None:
     h = engines[kind]
-    prompts = (LLADA if kind == "llada" else DREAM)[:4]
+    prompts = PROMPTS[kind][:4]
     alone = [h.run([p], **fields)[0] for p in prompts]
     runner = h.engine.runner
     calls, rows = runner.calls, runner.rows
@@ -193,7 +205,7 @@ def test_a_step_waits_for_the_device_once(
 ) -> None:
     # The samplers read the logits only through the engine's one fetch per step: any other
     # host read of a model output fails the step (and the request, with an Error).
-    prompts = (LLADA if kind == "llada" else DREAM)[:4]
+    prompts = PROMPTS[kind][:4]
     h = accelerated[kind]
     steps, transfers = h.engine.steps, h.transfers
     assert h.run(prompts, **fields) == engines[kind].run(prompts, **fields)
@@ -248,3 +260,61 @@ def test_passes_of_the_busier_model_go_first_and_the_others_wait_one_step(
     rest = [late, seq("verifier"), seq("verifier")]
     assert engine._due(rest) == rest  # type: ignore[arg-type]
     assert not late.waited
+
+
+def test_llada2_defaults_are_its_authors(engines: dict[str, Harness]) -> None:
+    h = engines["llada2"]
+    assert h.run(LLADA2[:2], max_tokens=40) == h.run(
+        LLADA2[:2],
+        max_tokens=40,
+        decoding="reference",
+        threshold=0.95,
+        block_length=32,
+        diffusion_steps=32,
+        cache="prefix",
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"decoding": "reference", "block_length": 8, "threshold": 0.6},
+        {"decoding": "editing", "block_length": 8, "threshold": 0.7, "editing_threshold": 0.4},
+        {"decoding": "reference", "block_length": 8, "temperature": 0.8, "seed": 5, "top_k": 20},
+        {"decoding": "editing", "block_length": 16, "temperature": 0.7, "seed": 9, "top_p": 0.9},
+    ],
+)
+def test_llada2_block_cache_gives_the_tokens_of_no_cache(
+    engines: dict[str, Harness], fields: dict[str, Any]
+) -> None:
+    h = engines["llada2"]
+    cached = h.run(LLADA2[:3], **fields)
+    assert cached == h.run(LLADA2[:3], **fields, cache="none")
+    assert any(len(t) > 8 for t in cached)  # more than one block decoded
+
+
+def test_llada2_blocks_of_other_lengths_share_calls(engines: dict[str, Harness]) -> None:
+    h = engines["llada2"]
+    variants = [
+        {"decoding": "reference", "block_length": 4},
+        {"decoding": "reference", "block_length": 8, "threshold": 0.5},
+        {"decoding": "editing", "block_length": 8},
+        {"decoding": "editing", "block_length": 6, "num_to_transfer": 2},
+    ]
+    alone = [h.run([LLADA2[i]], **v)[0] for i, v in enumerate(variants)]
+    runner = h.engine.runner
+    calls, rows = runner.calls, runner.rows
+    ids = []
+    for i, v in enumerate(variants):
+        h.count += 1
+        ids.append(f"r{h.count}")
+        params = SamplingParams(max_tokens=16, temperature=0.0, eos_early_stop=False, **v)
+        h.engine.submit(Generate(ids[-1], "m", prompt_ids=LLADA2[i], stream=False, params=params))
+    done: dict[str, list[int]] = {}
+    while len(done) < len(ids):
+        msg = h.outbox.get(timeout=120)
+        assert not isinstance(msg, Error), msg
+        if isinstance(msg, Done):
+            done[msg.request_id] = msg.token_ids
+    assert [done[i] for i in ids] == alone
+    assert (runner.rows - rows) / (runner.calls - calls) > 1.5

@@ -9,6 +9,8 @@ from vdiff_worker.decoding.dream import DreamReference
 from vdiff_worker.decoding.dream_fastdllm import DreamThreshold
 from vdiff_worker.decoding.fastdllm import Factor, Threshold
 from vdiff_worker.decoding.llada import LLaDAReference
+from vdiff_worker.decoding.llada2 import LLaDA2Reference
+from vdiff_worker.decoding.llada2_editing import LLaDA2Editing
 from vdiff_worker.decoding.model_generate import ModelGenerate
 
 _ALL: list[type[Strategy]] = [
@@ -21,6 +23,8 @@ _ALL: list[type[Strategy]] = [
     Autoregressive,
     ModelGenerate,
     DreamThreshold,
+    LLaDA2Reference,
+    LLaDA2Editing,
 ]
 
 

@@ -61,6 +61,10 @@ class Forward:
     cached: Cached | None = None
     logits: tuple[int, int] | None = None
     model: str = "main"  # "main" or "verifier"
+    # > 0: block-causal attention (LLaDA2) in blocks of this many positions from position 0:
+    # each token attends to its own block and the blocks before it. Without a cache the
+    # pass's positions start at 0.
+    block: int = 0
     # > 0: run the model's own generate for this many new tokens (models served through
     # transformers with a sampler of their own, such as DiffusionGemma); it draws from torch's
     # global generator, which is seeded with ``seed`` first.
@@ -100,6 +104,9 @@ class Settings:
     apd_kv_window: int | None = None
     apd_max_lookahead: int | None = None
     max_parallel: int | None = None
+    editing_threshold: float = 0.9
+    max_post_steps: int = 16
+    num_to_transfer: int = 1
     models: frozenset[str] = frozenset({"main"})  # the roles Forward.model may name here
 
 
@@ -111,6 +118,7 @@ class Context:
     settings: Settings
     mask_id: int
     generator: torch.Generator  # on the model device: noise is drawn where the logits are
+    eos_ids: frozenset[int] = frozenset()  # the tokenizer's end tokens, for rules that stop
     canvas: Tensor = field(init=False)  # [gen_length] long, on the host: the answer
 
     def __post_init__(self) -> None:
@@ -152,6 +160,10 @@ class Strategy(abc.ABC):
     # sets is refused, so nothing is silently ignored.
     fields: ClassVar[frozenset[str]] = frozenset()
 
+    # Canvas positions before this one are final: later passes will not change them (None:
+    # every committed token is final). A rule that edits committed tokens moves it.
+    settled: int | None = None
+
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
@@ -159,6 +171,16 @@ class Strategy(abc.ABC):
     def default_steps(cls, gen_length: int, block_length: int) -> int:
         """Denoising steps when neither the request nor the server sets any."""
         return gen_length
+
+    @classmethod
+    def block_length(cls, requested: int, gen_length: int) -> int:
+        """The block length a sequence runs with: blocks of the canvas, at most all of it."""
+        return min(requested, gen_length)
+
+    @classmethod
+    def positions(cls, prompt: int, s: Settings) -> int:
+        """How many positions of the model's context the sequence occupies."""
+        return prompt + s.gen_length
 
     def cached_models(self) -> frozenset[str]:
         """The models (Forward.model roles) this sequence needs a cache slot of."""

@@ -7,6 +7,10 @@ keys are stored after RoPE, so reusing them never needs their positions again. `
 picks the positions whose logits are wanted (indices into the flattened [B * L] positions: a
 boolean mask would make the device report how many it selects): a sampler reads a block,
 not the whole canvas times the vocabulary.
+
+``limits`` gives each query its own key count: query (b, i) attends to keys [0, limits[b, i])
+(input positions without a cache, slot positions with one). That is how block-causal models
+(LLaDA2) attend, a block seeing itself and the blocks before it; it replaces the key mask.
 """
 
 from __future__ import annotations
@@ -75,19 +79,30 @@ class BidirectionalLM(nn.Module, abc.ABC):
         key_mask: Tensor | None = None,
         cache: SlotBatch | None = None,
         heads: Tensor | None = None,
+        limits: Tensor | None = None,
     ) -> ModelOutput:
         batch, length = input_ids.shape
         if position_ids is None:  # the new tokens sit where they are written
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
             if cache is not None:
                 position_ids = position_ids + cache.start_ids[:, None]
-        if cache is not None:
+        if limits is not None:
+            if key_mask is not None:
+                raise ValueError("pass either limits or a key mask")
+            if limits.shape != (batch, length):
+                raise ValueError(f"limits has shape {tuple(limits.shape)}, want {(batch, length)}")
+            keys = cache.span if cache is not None else length
+            # At least one key each: a query of pure padding would softmax to NaN (its
+            # output is never read).
+            seen = torch.arange(keys, device=limits.device) < limits.clamp(min=1)[..., None]
+            key_mask = seen[:, None]  # [B, 1, L, K]
+        elif cache is not None:
             if key_mask is not None:
                 raise ValueError("a cached pass takes its key mask from the cache")
             key_mask = cache.key_mask
         elif key_mask is not None and key_mask.shape != (batch, length):
             raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, want {(batch, length)}")
-        if key_mask is not None:
+        if key_mask is not None and key_mask.dim() == 2:
             # A row with every key masked (pure padding) would softmax to NaN; let it see
             # everything instead: its output is never read.
             key_mask = (key_mask | ~key_mask.any(dim=-1, keepdim=True))[:, None, None, :]

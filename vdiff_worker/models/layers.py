@@ -106,11 +106,14 @@ def attend(
     """Bidirectional attention of the new queries over their keys, or over their slots.
 
     ``q`` is [B, H, L, D]; keys/values are [B, H_kv, *, D] with H a multiple of H_kv;
-    ``key_mask`` is a boolean [B, 1, 1, K] (True = attend) or None. With ``cache`` the new
-    keys are written into each row's slot first and the row attends to its slot.
+    ``key_mask`` is a boolean [B, 1, 1, K] or, a mask per query, [B, 1, L, K] (True =
+    attend), or None. With ``cache`` the new keys are written into each row's slot first and
+    the row attends to its slot. FlashAttention has no per-query mask (block-causal
+    attention): those calls run through SDPA.
     """
     k, v = cache.write_and_read(layer, *kv) if cache is not None else kv
-    if _backend == "flash":
+    per_query = key_mask is not None and key_mask.shape[2] > 1
+    if _backend == "flash" and not per_query:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
 
         return flash_attention(q, k, v, key_mask, flash_attn_func, flash_attn_varlen_func)

@@ -4,8 +4,8 @@ A checkpoint is a local directory or a Hugging Face id (``hub``): an id is resol
 steps, its config.json first, so that an architecture vdiff cannot serve is refused before
 gigabytes of weights are downloaded, then the files that architecture needs.
 
-LLaDA and Dream are native: built on the meta device and filled from memory-mapped
-safetensors. DiffusionGemma and any other causal LM (the autoregressive fallback) load
+LLaDA, LLaDA2 (MoE) and Dream are native: built on the meta device and filled from
+memory-mapped safetensors. DiffusionGemma and any other causal LM (the autoregressive fallback) load
 through transformers; remote code is allowed for the fallback only, when asked. Every
 failure a user can cause is a ``CheckpointError`` naming the file, weight or field.
 
@@ -36,6 +36,7 @@ from vdiff_worker.models.dream import DreamConfig, DreamModel
 from vdiff_worker.models.errors import CheckpointError
 from vdiff_worker.models.hf import load_pretrained
 from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
+from vdiff_worker.models.llada2 import LLaDA2Config, LLaDA2Model
 from vdiff_worker.models.weights import load_weights
 from vdiff_worker.tokenizer import Tokenizer, TokenizerError
 
@@ -92,6 +93,13 @@ def _build_llada(req: _Request) -> _Built:
     return _Built(_native(model, req), config.mask_token_id, config.max_sequence_length)
 
 
+def _build_llada2(req: _Request) -> _Built:
+    config = LLaDA2Config.from_dict(req.cfg)
+    with torch.device("meta"):
+        model = LLaDA2Model(config)
+    return _Built(_native(model, req), config.mask_token_id, config.max_position_embeddings)
+
+
 def _build_dream(req: _Request) -> _Built:
     config = DreamConfig.from_dict(req.cfg)
     with torch.device("meta"):
@@ -124,6 +132,7 @@ def _build_ar(req: _Request) -> _Built:
 _KINDS: dict[ModelKind, tuple[tuple[str, ...], tuple[str, ...], Callable[[_Request], _Built]]] = {
     "llada": (("llada",), ("LLaDAModelLM",), _build_llada),
     "dream": (("dream",), ("DreamModel",), _build_dream),
+    "llada2": (("llada2_moe",), ("LLaDA2MoeModelLM",), _build_llada2),
     "diffusion_gemma": (
         ("diffusion_gemma",),
         ("DiffusionGemmaForBlockDiffusion",),
@@ -190,7 +199,7 @@ def load_model(
         trust_remote_code=trust_remote_code and kind == "ar",
     )
     mask_token_id = built.mask_token_id
-    if mask_token_id is None and kind in ("llada", "dream"):
+    if mask_token_id is None and kind in ("llada", "llada2", "dream"):
         mask_token_id = next(
             (i for t in _MASK_TOKENS if (i := tokenizer.token_to_id(t)) is not None), None
         )

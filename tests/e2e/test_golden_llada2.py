@@ -1,0 +1,136 @@
+"""Token-exact parity with LLaDA2.0's `generate` and LLaDA2.1's editing `generate` through
+the running server, with the block cache and without, in no more forward passes than the
+reference made; chat through the OpenAI SDK on the checkpoint's own template."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from tests.conftest import GOLDEN, Server, start_allinone
+
+FIXTURE = json.loads((GOLDEN / "cases" / "shared_llada2.json").read_text())
+CASES = FIXTURE["generate"]
+EOS = FIXTURE["eos_token_id"]
+
+
+@pytest.fixture(scope="module")
+def llada2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    server = start_allinone(
+        tmp_path_factory.mktemp("llada2"), "--model", str(GOLDEN / "llada2-tiny")
+    )
+    yield server
+    for p in server.procs:
+        p.stop()
+
+
+def answer(ids: list[int]) -> list[int]:
+    """The reference's tokens before its first end token (the server stops there)."""
+    return ids[: ids.index(EOS)] if EOS in ids else ids
+
+
+def body(case: dict, cache: str) -> dict[str, object]:
+    p = case["params"]
+    out: dict[str, object] = {
+        "model": "llada2-tiny",
+        "prompt": case["prompt_ids"],
+        "max_tokens": p["gen_length"],
+        "block_length": p["block_length"],
+        "threshold": p["threshold"],
+        "temperature": p["temperature"],
+        "cache": cache,
+        "return_token_ids": True,
+    }
+    if case["task"] == "generate":
+        out.update(decoding="reference", diffusion_steps=p["steps"])
+    else:
+        out.update(
+            decoding="editing",
+            editing_threshold=p["editing_threshold"],
+            max_post_steps=p["max_post_steps"],
+            num_to_transfer=p["num_to_transfer"],
+        )
+    return out
+
+
+@pytest.mark.parametrize("cache", ["prefix", "none"])
+@pytest.mark.parametrize("case", CASES, ids=[c["case_id"] for c in CASES])
+def test_llada2_case(llada2_server: Server, case: dict, cache: str) -> None:
+    r = httpx.post(llada2_server.url + "/completions", json=body(case, cache), timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["choices"][0]["token_ids"] == answer(case["output_ids"])
+    assert out["usage"]["forward_passes"] <= case["nfe"]
+
+
+def test_chat_on_the_checkpoint_template(llada2_server: Server) -> None:
+    client = openai.OpenAI(base_url=llada2_server.url, api_key="none")
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    out = client.chat.completions.create(
+        model="llada2-tiny", messages=messages, max_tokens=40, extra_body={"block_length": 8}
+    )
+    tok = httpx.post(
+        llada2_server.base + "/tokenize",
+        json={"model": "llada2-tiny", "messages": messages},
+        timeout=60,
+    ).json()
+    # The checkpoint's own template: the HUMAN turn, then ASSISTANT's to answer.
+    reference = PreTrainedTokenizerFast.from_pretrained(str(GOLDEN / "llada2-tiny"))
+    text = "<role>HUMAN</role>What is 2 + 3?<|role_end|><role>ASSISTANT</role>"
+    assert reference.decode(tok["tokens"]).endswith(text)
+    assert tok["tokens"] == reference.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert out.usage is not None and out.usage.prompt_tokens == tok["count"]
+    assert out.choices[0].message.content
+    # Streamed, the same answer arrives in pieces that concatenate to it.
+    stream = client.chat.completions.create(
+        model="llada2-tiny",
+        messages=messages,
+        max_tokens=40,
+        stream=True,
+        extra_body={"block_length": 8},
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == out.choices[0].message.content
+
+
+def test_only_finished_blocks_are_streamed_while_editing(llada2_server: Server) -> None:
+    case = next(c for c in CASES if c["task"] == "generate_editing")
+    req = {**body(case, "prefix"), "stream": True, "eos_early_stop": False}
+    chunks: list[list[int]] = []
+    with httpx.stream("POST", llada2_server.url + "/completions", json=req, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+                if ids:
+                    chunks.append(ids)
+    P, block = len(case["prompt_ids"]), case["params"]["block_length"]
+    # Each chunk ends at a block boundary of the whole context (blocks count from position 0).
+    ends = [P + sum(len(c) for c in chunks[: i + 1]) for i in range(len(chunks))]
+    assert all(e % block == 0 for e in ends[:-1]), ends
+    assert sum(chunks, []) == answer(case["output_ids"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"cache": "dual"}, "cache"),
+        ({"decoding": "editing", "diffusion_steps": 8}, "diffusion_steps"),
+        ({"decoding": "reference", "editing_threshold": 0.5}, "editing_threshold"),
+        ({"decoding": "threshold"}, "decoding"),
+        ({"remasking": "random"}, "remasking"),
+    ],
+)
+def test_fields_that_do_not_apply_are_refused(
+    llada2_server: Server, fields: dict[str, object], param: str
+) -> None:
+    req = {"model": "llada2-tiny", "prompt": "hi", "max_tokens": 8, **fields}
+    r = httpx.post(llada2_server.url + "/completions", json=req, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
