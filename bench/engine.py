@@ -5,12 +5,13 @@
 
 One all-in-one ``vdiff`` per checkpoint (one worker, ``--max-num-seqs 16``, ``--num-threads
 1``): llada-tiny, dream-tiny (with ``--enable-apd --apd-verifier ar-tiny``, which only adds the
-``apd`` mode; the other Dream modes never touch the verifier) and ar-tiny (the autoregressive
-fallback). Every mode runs at concurrency 1, 4 and 16 (APD also at 8): C client threads each
-send ``--requests`` completions back to back, prompts being the token ids of the golden cases,
-temperature 0, ``eos_early_stop: false`` (every request decodes its whole canvas, so each does
-the same work), ``block_length`` 32 where the mode has blocks (Dream's reference, APD and the
-autoregressive fallback have none, and refuse the field).
+``apd`` mode; the other Dream modes never touch the verifier), ar-tiny (the autoregressive
+fallback) and llada2-tiny (LLaDA2.0's rule with and without the block cache, LLaDA2.1's editing
+rule with it; threshold 0.95, the model's default). Every mode runs at concurrency 1, 4 and 16
+(APD also at 8): C client threads each send ``--requests`` completions back to back, prompts
+being the token ids of the golden cases, temperature 0, ``eos_early_stop: false`` (every request
+decodes its whole canvas, so each does the same work), ``block_length`` 32 where the mode has
+blocks (Dream's reference, APD and the autoregressive fallback have none, and refuse the field).
 
 Per (mode, C):
 
@@ -22,7 +23,8 @@ Per (mode, C):
   before and after the level): how many sequences one call into the model carried on average.
   ``calls/req`` is ``model_calls`` per request; ``pass/req`` the passes one request makes
   (from the replay below), so at C=1 the two agree, and perfect batching would make calls/req
-  pass/req over C.
+  pass/req over C. ``tok/pass``: the tokens one of those passes runs over (a cached block
+  pass: the block; an uncached one: the whole window).
 - ``speedup``: tok/s over the same mode's C=1 (the JSON's ``bound_speedup``: the bound's,
   what batching alone can buy on this machine).
 - ``bound tok/s`` and ``of bound``: what the bare model could do, and served tok/s over it.
@@ -133,6 +135,15 @@ GROUPS = (
     ),
     Group(
         "ar-tiny", "shared_dream.json", (Mode("reference", {"decoding": "reference", **NO_BLOCKS}),)
+    ),
+    Group(
+        "llada2-tiny",
+        "shared_llada2.json",
+        (
+            Mode("reference", {"decoding": "reference", "cache": "none"}),
+            Mode("reference+block cache", {"decoding": "reference", "cache": "prefix"}),
+            Mode("editing+block cache", {"decoding": "editing", "cache": "prefix"}),
+        ),
     ),
 )
 
@@ -385,6 +396,8 @@ def bound_group(
         res["trace"] = {
             "prompts": len(traces),
             "passes_per_request": statistics.fmean(len(t) for t in traces.values()),
+            # Tokens one pass runs over (rows x width), over all the replayed passes.
+            "tokens_per_pass": statistics.fmean(w * r for t in traces.values() for _, w, r, _ in t),
             "shapes": [
                 {"model": m, "width": w, "rows": r, "span": s, "per_request": k / len(traces)}
                 for (m, w, r, s), k in sorted(shapes.items())
@@ -430,6 +443,7 @@ def finish(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]
                         "rows/call": lv["rows_per_call"],
                         "calls/req": lv["calls_per_request"],
                         "pass/req": lv.get("passes_per_request", math.nan),
+                        "tok/pass": res.get("trace", {}).get("tokens_per_pass", math.nan),
                         "speedup": lv["speedup"],
                         "bound tok/s": lv.get("bound_tokens_per_s", math.nan),
                         "of bound": lv.get("of_bound", math.nan),
@@ -451,6 +465,7 @@ def finish(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]
                                 "rows/call",
                                 "calls/req",
                                 "pass/req",
+                                "tok/pass",
                                 "speedup",
                                 "bound tok/s",
                                 "of bound",
