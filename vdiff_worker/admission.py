@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 
 import torch
 
@@ -14,14 +14,14 @@ from vdiff_worker.decoding.base import Context, ParamError, Settings, Strategy
 from vdiff_worker.models.loader import LoadedModel
 from vdiff_worker.sequence import Sequence
 
-T = TypeVar("T")
-
 # Fast by default: what a request that names no decoding gets, per model kind, unless the
 # server was started with --decoding. (decoding, cache)
 FAST = {"llada": ("threshold", "dual"), "dream": ("threshold", "dual")}
 # The cache a request that names none gets, whatever its decoding: LLaDA2's block cache is
 # exact, so it is on even for the reference sampler.
 CACHE = {"llada2": "prefix"}
+# Settings that carry a request field under another name.
+RENAMED = {"max_tokens": "gen_length", "diffusion_steps": "steps"}
 # The confidence threshold a request that sets none gets, unless the server sets one:
 # Fast-dLLM's 0.9; LLaDA2's authors and SGLang serve it at 0.95.
 THRESHOLD = {"llada2": 0.95}
@@ -43,7 +43,8 @@ def reference_only(p: SamplingParams, kind: str) -> str | None:
 
 @dataclass
 class Defaults:
-    """Server-wide defaults for fields a request leaves unset."""
+    """Server-wide defaults for fields a request leaves unset, by the fields' names (and the
+    server-only max_parallel)."""
 
     max_tokens: int = 128
     diffusion_steps: int | None = None  # None: the strategy's own (one step per token)
@@ -83,33 +84,23 @@ class Admission:
         return "reference", cache
 
     def settings(self, p: SamplingParams, cls: type[Strategy], cache: str) -> Settings:
-        d = self.defaults
-        gen = p.max_tokens or d.max_tokens
-        block = cls.block_length(p.block_length or d.block_length, gen)
-        threshold = THRESHOLD.get(self.loaded.kind, 0.9) if d.threshold is None else d.threshold
-        return Settings(
-            gen_length=gen,
-            steps=p.diffusion_steps or d.diffusion_steps or cls.default_steps(gen, block),
-            block_length=block,
-            temperature=d.temperature if p.temperature is None else p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            remasking=p.remasking or d.remasking,
-            threshold=threshold if p.threshold is None else p.threshold,
-            factor=d.factor if p.factor is None else p.factor,
-            cache=cache,
-            cfg_scale=p.cfg_scale,
-            alg=p.alg or d.alg,
-            alg_temp=p.alg_temp,
-            apd_mixture_weight=_given(p.apd_mixture_weight, Settings.apd_mixture_weight),
-            apd_kv_window=p.apd_kv_window,
-            apd_max_lookahead=p.apd_max_lookahead,
-            max_parallel=d.max_parallel,
-            editing_threshold=_given(p.editing_threshold, Settings.editing_threshold),
-            max_post_steps=_given(p.max_post_steps, Settings.max_post_steps),
-            num_to_transfer=_given(p.num_to_transfer, Settings.num_to_transfer),
-            models=self.models,
-        )
+        """Each setting is its request field, else the server's default of that name, else
+        what depends on the strategy or the model kind, else Settings' own default."""
+        d, fields = self.defaults, Settings.__dataclass_fields__
+        resolved: dict[str, Any] = {}
+        for name in SamplingParams.__struct_fields__:
+            setting = RENAMED.get(name, name)
+            if setting in fields:
+                value = getattr(p, name)
+                value = getattr(d, name, None) if value is None else value
+                if value is not None:
+                    resolved[setting] = value
+        gen = resolved["gen_length"]
+        block = resolved["block_length"] = cls.block_length(resolved["block_length"], gen)
+        resolved.setdefault("steps", cls.default_steps(gen, block))
+        resolved.setdefault("threshold", THRESHOLD.get(self.loaded.kind, 0.9))
+        resolved["cache"] = cache  # resolved with the decoding (see decoding())
+        return Settings(**resolved, max_parallel=d.max_parallel, models=self.models)
 
     def prompt_ids(self, job: Generate) -> list[int]:
         tok = self.loaded.tokenizer
@@ -186,7 +177,3 @@ class Admission:
                 )
             )
         return out
-
-
-def _given(value: T | None, default: T) -> T:
-    return default if value is None else value

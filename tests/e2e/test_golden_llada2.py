@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -134,3 +135,36 @@ def test_fields_that_do_not_apply_are_refused(
     r = httpx.post(llada2_server.url + "/completions", json=req, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# Chats whose answers hold characters of several bytes, each byte a token of llada2-tiny's
+# byte-level tokenizer: (message, threshold, block_length), found by decoding many.
+MULTIBYTE = [
+    ("What is 2 + 3?", 0.9, 8),
+    ("cats", 0.3, 4),
+    ("river moon", 0.5, 8),
+    ("balls and houses", 0.5, 8),
+    ("19 + 22", 0.3, 8),
+    ("How many?", 0.9, 4),
+    ("The answer", 0.9, 8),
+]
+
+
+def test_partial_characters_are_held_back_while_streaming(llada2_server: Server) -> None:
+    # A character's bytes are committed in different passes: the stream holds back a
+    # trailing byte that may start one, so its pieces add up to the whole answer's text.
+    client = openai.OpenAI(base_url=llada2_server.url, api_key="none")
+    multibyte = 0
+    for message, threshold, block in MULTIBYTE:
+        fields: dict[str, Any] = {
+            "model": "llada2-tiny",
+            "messages": [{"role": "user", "content": message}],
+            "max_tokens": 48,
+            "extra_body": {"block_length": block, "threshold": threshold},
+        }
+        whole = client.chat.completions.create(**fields).choices[0].message.content or ""
+        stream = client.chat.completions.create(**fields, stream=True)
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert "".join(pieces) == whole, message
+        multibyte += any(ord(ch) > 127 and ch != "\ufffd" for ch in whole)
+    assert multibyte == len(MULTIBYTE)
