@@ -42,7 +42,11 @@ class KVShape:
 
 
 class AttentionBlock(nn.Module, abc.ABC):
-    """One transformer layer; with a cache it writes and reads its layer of the slots."""
+    """One transformer layer; with a cache it writes and reads its layer of the slots.
+
+    With ``rows`` (the last layer, when only some positions' logits are wanted) every query
+    still attends, but what follows attention runs on those rows alone ([N, D] out): the
+    output projection and the MLP of the other positions would never be read."""
 
     @abc.abstractmethod
     def forward(
@@ -52,6 +56,7 @@ class AttentionBlock(nn.Module, abc.ABC):
         key_mask: Tensor | None,
         cache: SlotBatch | None,
         layer: int,
+        rows: Tensor | None = None,
     ) -> Tensor: ...
 
 
@@ -108,8 +113,7 @@ class BidirectionalLM(nn.Module, abc.ABC):
             key_mask = (key_mask | ~key_mask.any(dim=-1, keepdim=True))[:, None, None, :]
         h = self.embed(input_ids)
         rope = self.rotary.tables(position_ids, h.dtype)
-        for i, block in enumerate(self.layers()):
-            h = block(h, rope, key_mask, cache, i)
-        return ModelOutput(
-            logits=self.head(h if heads is None else h.flatten(0, 1).index_select(0, heads))
-        )
+        layers = self.layers()
+        for i, block in enumerate(layers):
+            h = block(h, rope, key_mask, cache, i, heads if i == len(layers) - 1 else None)
+        return ModelOutput(logits=self.head(h))

@@ -25,6 +25,7 @@ from vdiff_worker.models.layers import (
     apply_rope,
     attend,
     merge_heads,
+    pick,
     split_heads,
     swiglu,
 )
@@ -87,11 +88,12 @@ class DreamAttention(nn.Module):
         key_mask: Tensor | None,
         cache: SlotBatch | None,
         layer: int,
+        rows: Tensor | None = None,
     ) -> Tensor:
         q = apply_rope(split_heads(self.q_proj(x), self.num_heads), rope)
         k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), rope)
         v = split_heads(self.v_proj(x), self.num_kv_heads)
-        out = self.o_proj(merge_heads(attend(q, (k, v), key_mask, cache, layer)))
+        out = self.o_proj(pick(merge_heads(attend(q, (k, v), key_mask, cache, layer)), rows))
         return out
 
 
@@ -122,8 +124,10 @@ class DreamLayer(AttentionBlock):
         key_mask: Tensor | None,
         cache: SlotBatch | None,
         layer: int,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask, cache, layer)
+        x = self.input_layernorm(h)
+        h = pick(h, rows) + self.self_attn(x, rope, key_mask, cache, layer, rows)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h
 

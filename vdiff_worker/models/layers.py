@@ -169,5 +169,10 @@ def flash_attention(
     return out.view(batch, length, heads, dim).transpose(1, 2)
 
 
+def pick(x: Tensor, rows: Tensor | None) -> Tensor:
+    """``x`` [B, L, D], or with ``rows`` (indices into the flattened B * L) those rows [N, D]."""
+    return x if rows is None else x.flatten(0, 1).index_select(0, rows)
+
+
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up

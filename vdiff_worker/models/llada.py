@@ -25,6 +25,7 @@ from vdiff_worker.models.layers import (
     apply_rope,
     attend,
     merge_heads,
+    pick,
     split_heads,
     swiglu,
 )
@@ -117,12 +118,14 @@ class LLaDABlock(AttentionBlock):
         key_mask: Tensor | None,
         cache: SlotBatch | None,
         layer: int,
+        rows: Tensor | None = None,
     ) -> Tensor:
         x = self.attn_norm(h)
         q = apply_rope(split_heads(self.q_proj(x), self.n_heads), rope)
         k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), rope)
         v = split_heads(self.v_proj(x), self.n_kv_heads)
-        h = h + self.attn_out(merge_heads(attend(q, (k, v), key_mask, cache, layer)))
+        att = merge_heads(attend(q, (k, v), key_mask, cache, layer))
+        h = pick(h, rows) + self.attn_out(pick(att, rows))
         x = self.ff_norm(h)
         h = h + self.ff_out(swiglu(self.ff_proj(x), self.up_proj(x)))
         return h

@@ -32,6 +32,7 @@ from vdiff_worker.models.layers import (
     apply_rope,
     attend,
     merge_heads,
+    pick,
     swiglu,
 )
 
@@ -174,6 +175,7 @@ class LLaDA2Attention(nn.Module):
         key_mask: Tensor | None,
         cache: SlotBatch | None,
         layer: int,
+        rows: Tensor | None = None,
     ) -> Tensor:
         batch, length, _ = x.shape
         # The fused output is [q heads | k heads | v heads], each head_dim wide.
@@ -188,7 +190,8 @@ class LLaDA2Attention(nn.Module):
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         q = apply_partial_rope(q, rope, self.rotary_dim)
         k = apply_partial_rope(k, rope, self.rotary_dim)
-        out: Tensor = self.dense(merge_heads(attend(q, (k, v), key_mask, cache, layer)))
+        att = merge_heads(attend(q, (k, v), key_mask, cache, layer))
+        out: Tensor = self.dense(pick(att, rows))
         return out
 
 
@@ -301,8 +304,10 @@ class LLaDA2Layer(AttentionBlock):
         key_mask: Tensor | None,
         cache: SlotBatch | None,
         layer: int,
+        rows: Tensor | None = None,
     ) -> Tensor:
-        h = h + self.attention(self.input_layernorm(h), rope, key_mask, cache, layer)
+        x = self.input_layernorm(h)
+        h = pick(h, rows) + self.attention(x, rope, key_mask, cache, layer, rows)
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h
 
