@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 from safetensors import safe_open
 
 from tests.conftest import GOLDEN, ROOT, Server, start_allinone
@@ -27,6 +28,7 @@ from vdiff_worker.tiny.train import (
     UNFILTERED_KINDS,
     build_tokenizer,
     excluded_prompts,
+    forward_with_mask,
     render_chat,
     task_stream,
 )
@@ -130,6 +132,18 @@ def test_training_rendering_is_the_chat_template(tiny: LoadedModel) -> None:
     for task in suite(n_per_kind=2, seed=HELD_OUT_SEED):
         want = tiny.tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}])
         assert raw.encode(render_chat(task.prompt), add_special_tokens=False).ids == want
+
+
+def test_the_annealing_mask_runs_the_model_under_that_mask(tiny: LoadedModel) -> None:
+    # Training anneals from causal to bidirectional attention through forward_with_mask.
+    ids = torch.tensor([[5, 9, 14, 3, 7, 2]])
+    everything = torch.ones(6, 6, dtype=torch.bool)
+    with torch.no_grad():
+        full = tiny.model(ids).logits
+        assert torch.allclose(forward_with_mask(tiny.model, ids, everything), full, atol=1e-6)
+        causal = forward_with_mask(tiny.model, ids, everything.tril())
+    assert torch.allclose(causal[0, 0], tiny.model(ids[:, :1]).logits[0, 0], atol=1e-5)
+    assert not torch.allclose(causal, full, atol=1e-3)
 
 
 def test_training_stream_never_draws_a_held_out_prompt() -> None:

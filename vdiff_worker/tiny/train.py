@@ -483,8 +483,8 @@ def forward_with_mask(model: LLaDAModel, ids: Tensor, allowed: Tensor) -> Tensor
     rows, width = ids.shape
     h = model.embed(ids)
     rope = model.rotary.tables(torch.arange(width).expand(rows, width), h.dtype)
-    for block in model.layers():
-        h, _ = block(h, rope, allowed[None, None], None, None)
+    for i, block in enumerate(model.layers()):
+        h = block(h, rope, allowed[None, None], None, i)
     return model.head(h)
 
 
