@@ -73,8 +73,12 @@ class Harness:
 
     def run(self, prompts: list[list[int]], **fields: Any) -> list[list[int]]:
         """Submit every prompt at once; their tokens, in order."""
+        return self.run_each([(p, fields) for p in prompts])
+
+    def run_each(self, jobs: list[tuple[list[int], dict[str, Any]]]) -> list[list[int]]:
+        """Submit every (prompt, fields) at once; their tokens, in order."""
         ids = []
-        for p in prompts:
+        for p, fields in jobs:
             self.count += 1
             ids.append(f"r{self.count}")
             base = {"max_tokens": 16, "temperature": 0.0, "eos_early_stop": False}
@@ -304,17 +308,5 @@ def test_llada2_blocks_of_other_lengths_share_calls(engines: dict[str, Harness])
     alone = [h.run([LLADA2[i]], **v)[0] for i, v in enumerate(variants)]
     runner = h.engine.runner
     calls, rows = runner.calls, runner.rows
-    ids = []
-    for i, v in enumerate(variants):
-        h.count += 1
-        ids.append(f"r{h.count}")
-        params = SamplingParams(max_tokens=16, temperature=0.0, eos_early_stop=False, **v)
-        h.engine.submit(Generate(ids[-1], "m", prompt_ids=LLADA2[i], stream=False, params=params))
-    done: dict[str, list[int]] = {}
-    while len(done) < len(ids):
-        msg = h.outbox.get(timeout=120)
-        assert not isinstance(msg, Error), msg
-        if isinstance(msg, Done):
-            done[msg.request_id] = msg.token_ids
-    assert [done[i] for i in ids] == alone
+    assert h.run_each([(LLADA2[i], v) for i, v in enumerate(variants)]) == alone
     assert (runner.rows - rows) / (runner.calls - calls) > 1.5
