@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
@@ -59,11 +60,14 @@ def checkpoint_files(src: Path, **config: Any) -> dict[str, bytes]:
     return files
 
 
-def sharded_files(src: Path, scratch: Path) -> dict[str, bytes]:
-    """``src`` with its weights split in two shards and an index, as large models ship."""
+def sharded_files(src: Path, scratch: Path, dtype: torch.dtype | None = None) -> dict[str, bytes]:
+    """``src`` with its weights split in two shards and an index, as large models ship;
+    with ``dtype``, its floating-point weights in that dtype (and config.json saying so)."""
     tensors = load_file(str(src / "model.safetensors"))
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     names = sorted(tensors)
-    files = checkpoint_files(src)
+    files = checkpoint_files(src, **({"torch_dtype": str(dtype)[6:]} if dtype else {}))
     del files["model.safetensors"]
     weight_map: dict[str, str] = {}
     scratch.mkdir(parents=True, exist_ok=True)

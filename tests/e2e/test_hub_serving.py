@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
 from tests.conftest import GOLDEN, Server, free_port, spawn, start_allinone
 from tests.hf_cache import SHARDS, add_snapshot, checkpoint_files, sharded_files
@@ -23,12 +24,14 @@ from tests.hf_cache import SHARDS, add_snapshot, checkpoint_files, sharded_files
 LLADA_ID = "vdiff-test/llada-tiny"
 AR_ID = "vdiff-test/ar-tiny"
 BROKEN_ID = "vdiff-test/llada-interrupted"
+LLADA2_ID = "vdiff-test/llada2-tiny-bf16"
 
 
 @pytest.fixture(scope="module")
 def hub_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """HF_HUB_CACHE with llada-tiny (main, and branch v2 with a 300-token context), ar-tiny,
-    and a sharded llada-tiny whose second shard never finished downloading."""
+    a sharded llada-tiny whose second shard never finished downloading, and llada2-tiny in
+    bfloat16 shards, as LLaDA2.x ships."""
     tmp = tmp_path_factory.mktemp("hf")
     cache = tmp / "hub"
     add_snapshot(cache, LLADA_ID, checkpoint_files(GOLDEN / "llada-tiny"))
@@ -42,6 +45,8 @@ def hub_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     broken = sharded_files(GOLDEN / "llada-tiny", tmp / "shards")
     del broken[SHARDS[1]]
     add_snapshot(cache, BROKEN_ID, broken)
+    bf16 = sharded_files(GOLDEN / "llada2-tiny", tmp / "llada2-shards", torch.bfloat16)
+    add_snapshot(cache, LLADA2_ID, bf16)
     # HF_HOME elsewhere too: the library must not find (or write) anything in the real one.
     return {"HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp / "home"), "HF_HUB_OFFLINE": "1"}
 
@@ -166,3 +171,18 @@ def test_missing_shard_is_refused_at_start(tmp_path: Path, hub_env: dict[str, st
     assert f"{BROKEN_ID} (revision main): the cached snapshot" in line
     assert f"Missing: {SHARDS[1]} (named in model.safetensors.index.json)" in line
     assert "loading shard" not in log  # refused before any weight is read
+
+
+def test_llada2_in_bfloat16_shards_by_id(tmp_path: Path, hub_env: dict[str, str]) -> None:
+    with _serving(tmp_path, hub_env, "--model", LLADA2_ID, "--dtype", "bfloat16") as server:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [LLADA2_ID]
+        out = client.chat.completions.create(
+            model=LLADA2_ID,
+            messages=[{"role": "user", "content": "What is 2 + 3?"}],
+            max_tokens=16,
+            extra_body={"return_token_ids": True},
+        )
+        assert out.choices[0].model_extra["token_ids"]  # the block loop ran in bfloat16
+        log = server.procs[0].output()
+        assert "loading llada2 checkpoint" in log and "torch.bfloat16" in log
