@@ -139,7 +139,8 @@ class BlockCausal(Strategy, abc.ABC):
                 block=s.block_length,
             )
         )
-        self.fresh = max(self.fresh, start) if cached else self.fresh
+        if cached is not None:
+            self.fresh = start  # the pass rewrote the finished blocks it covered
         self.written = self.seq[start:end].clone()
         x0, p = yield from fetch(*candidates(out.logits[0], s, ctx.generator))
         return x0, p
