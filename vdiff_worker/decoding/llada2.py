@@ -136,7 +136,9 @@ class BlockCausal(Strategy, abc.ABC):
                 position_ids=torch.arange(lo, end).unsqueeze(0),
                 cached=cached,
                 logits=(start - lo, end - lo),
-                block=s.block_length,
+                # Over the current block alone, block-causal is attending to every key: the
+                # plain kernel serves it.
+                block=s.block_length if lo < start else 0,
             )
         )
         if cached is not None:
