@@ -5,6 +5,8 @@ reference made; chat through the OpenAI SDK on the checkpoint's own template."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -168,3 +170,17 @@ def test_partial_characters_are_held_back_while_streaming(llada2_server: Server)
         assert "".join(pieces) == whole, message
         multibyte += any(ord(ch) > 127 and ch != "\ufffd" for ch in whole)
     assert multibyte == len(MULTIBYTE)
+
+
+def test_a_default_decoding_the_model_lacks_stops_the_worker() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vdiff_worker", "--model", str(GOLDEN / "llada-tiny")]
+        + ["--decoding", "editing"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--decoding editing: decoding 'editing' is not available for llada models" in (
+        done.stdout + done.stderr
+    )
