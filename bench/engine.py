@@ -98,6 +98,13 @@ class Group:
     cases: str
     modes: tuple[Mode, ...]
     verifier: str | None = None  # APD's verifier checkpoint in GOLDEN
+    path: Path | None = None  # the checkpoint elsewhere (bench.wide's generated ones)
+    flags: tuple[str, ...] = ()  # more worker flags (bench.wide's acceleration options)
+    accel: dict[str, Any] | None = None  # those flags as vdiff_worker.accel.Options fields
+
+    @property
+    def checkpoint(self) -> str:
+        return str(self.path or GOLDEN / self.model)
 
 
 NO_BLOCKS = {"block_length": None}
@@ -250,7 +257,9 @@ def serve_group(
 ) -> dict[str, dict[str, Any]]:
     flags = [
         "--model",
-        str(GOLDEN / group.model),
+        group.checkpoint,
+        "--served-model-name",
+        group.model,
         "--max-num-seqs",
         str(MAX_NUM_SEQS),
         "--heartbeat-interval",
@@ -260,6 +269,7 @@ def serve_group(
     ]
     if group.verifier:
         flags += ["--enable-apd", "--apd-verifier", str(GOLDEN / group.verifier)]
+    flags += group.flags
     server = start_allinone(tmp, *flags)
     out: dict[str, dict[str, Any]] = {}
     try:
@@ -351,10 +361,14 @@ class Timer:
             heads = heads.to(device)
             with torch.no_grad():
                 module(ids, heads=heads)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
                 times: list[float] = []
                 while len(times) < 3 or (len(times) < 20 and sum(times) < 0.05):
                     t0 = time.perf_counter()
                     module(ids, heads=heads)
+                    if device.type == "cuda":  # the kernels' time, not their launch
+                        torch.cuda.synchronize()
                     times.append(time.perf_counter() - t0)
             self.seen[key] = min(times)
         return self.seen[key]
@@ -364,15 +378,21 @@ def bound_group(
     group: Group, served: dict[str, dict[str, Any]], pool: list[list[int]], per_client: int
 ) -> None:
     """Trace every served mode, time its passes bare, and put the bound beside each level."""
+    from vdiff_worker import accel
     from vdiff_worker.decoding.base import ParamError
     from vdiff_worker.models import load_model
 
     torch.set_num_threads(1)
     logger.disable("vdiff_worker")  # the replay's cache-slot notices, once per prompt
-    loaded = load_model(str(GOLDEN / group.model))
+    # Where and how the worker holds the model (its --device auto, --dtype auto, the
+    # group's acceleration options).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = accel.Options(**(group.accel or {}))
+    loaded = load_model(group.checkpoint, device=device, dtype=accel.load_dtype("auto", opts))
+    accel.apply(loaded.model, opts, loaded.device)
     models = {"main": loaded.model}
     if group.verifier:
-        models["verifier"] = load_model(str(GOLDEN / group.verifier)).model
+        models["verifier"] = load_model(str(GOLDEN / group.verifier), device=device).model
     timer = Timer(models, loaded.tokenizer.vocab_size)
     for res in served.values():
         body = res["request"]
