@@ -473,13 +473,17 @@ def schema_phase(tmp: Path, examples: int) -> dict[str, Any]:
     finally:
         stack.close()
     found = re.search(r"(\d+) generated, (.*)", out.stdout)
-    return {
+    ok = out.returncode == 0 and alive == 200
+    row = {
         "case": "schemathesis",
         "status": alive,
         "summary": found.group(0).strip() if found else out.stdout[-300:],
         "generated": int(found.group(1)) if found else 0,
-        "ok": out.returncode == 0 and alive == 200,
+        "ok": ok,
     }
+    if not ok:  # what it found, and the seed that reproduces it
+        row["detail"] = out.stdout[-3000:] + out.stderr[-1000:]
+    return row
 
 
 def overhead_phase(tmp: Path, n: int) -> dict[str, Any]:
