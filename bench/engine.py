@@ -544,6 +544,34 @@ def checks(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     return out
 
 
+def measure(
+    tmp: Path,
+    group: Group,
+    modes: list[Mode],
+    max_tokens: int,
+    per_client: int,
+    levels: tuple[int, ...] | None,
+) -> dict[str, dict[str, Any]]:
+    """A group's modes through a real server, each level with its bound beside it."""
+    pool = prompts(group.cases)
+    print(f"{group.model}: serving {len(modes)} modes", flush=True)
+    served = serve_group(tmp, group, modes, pool, max_tokens, per_client, levels)
+    bound_group(group, served, pool, per_client)
+    return served
+
+
+def show(results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    """The table, then each error a mode met."""
+    print()
+    print(table(finish(results)))
+    for model, modes in results.items():
+        for label, res in modes.items():
+            if "error" in res:
+                print(f"{model} {label}: error: {res['error']}")
+            for i, msg in res.get("trace_errors", {}).items():
+                print(f"{model} {label}: replaying prompt {i} in-process failed: {msg}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -582,24 +610,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for group in GROUPS:
             chosen = [m for m in group.modes if not only or f"{group.model}/{m.label}" in only]
-            if not chosen:
-                continue
-            pool = prompts(group.cases)
-            print(f"{group.model}: serving {len(chosen)} modes", flush=True)
-            served = serve_group(
-                Path(tmp), group, chosen, pool, args.max_tokens, args.requests, levels
-            )
-            bound_group(group, served, pool, args.requests)
-            results[group.model] = served
-    rows = finish(results)
-    print()
-    print(table(rows))
-    for model, modes in results.items():
-        for label, res in modes.items():
-            if "error" in res:
-                print(f"{model} {label}: error: {res['error']}")
-            for i, msg in res.get("trace_errors", {}).items():
-                print(f"{model} {label}: replaying prompt {i} in-process failed: {msg}")
+            if chosen:
+                results[group.model] = measure(
+                    Path(tmp), group, chosen, args.max_tokens, args.requests, levels
+                )
+    show(results)
     for note in checks(results):
         print(note)
     goals = targets(results)

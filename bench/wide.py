@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bench.common import GOLDEN, table, write_json
-from bench.engine import STEPS, Group, Mode, bound_group, finish, prompts, serve_group
+from bench.common import GOLDEN, write_json
+from bench.engine import STEPS, Group, Mode, measure, show
 
 # option -> (worker flags, the same as vdiff_worker.accel.Options fields, for the bound)
 OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -188,20 +188,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     flags=OPTIONS[option][0],
                     accel=OPTIONS[option][1],
                 )
-                pool = prompts(group.cases)
-                print(f"{group.model}: serving", flush=True)
-                served = serve_group(
-                    root, group, list(group.modes), pool, args.max_tokens, args.requests, levels
+                results[group.model] = measure(
+                    root, group, list(group.modes), args.max_tokens, args.requests, levels
                 )
-                bound_group(group, served, pool, args.requests)
-                results[group.model] = served
-    rows = finish(results)
-    print()
-    print(table(rows))
-    for model, modes in results.items():
-        for label, res in modes.items():
-            if "error" in res:
-                print(f"{model} {label}: error: {res['error']}")
+    show(results)
     report = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "layers": args.layers,
