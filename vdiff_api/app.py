@@ -9,6 +9,7 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -43,6 +44,11 @@ def _card(info: ModelInfo) -> dict[str, object]:
     }
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return APIError(exc.status_code, exc.detail, headers=dict(exc.headers or {})).response()
+
+
 class Gateway:
     def __init__(self, backend: Backend, settings: Settings, policy: Policy | None = None) -> None:
         self.backend = backend
@@ -70,6 +76,8 @@ class Gateway:
                 Mount("/docs/assets", StaticFiles(directory=str(swagger_ui_path))),
             ],
             lifespan=self._lifespan,
+            # Starlette's own answers (no route, a wrong method) in OpenAI's shape too.
+            exception_handlers={HTTPException: _http_error},
         )
         self.app = FrontDoor(self.starlette, self.policy, lambda: self.draining)
         self.spec = openapi.spec(self.starlette.routes, __version__, self.policy.needs_key)

@@ -238,3 +238,19 @@ def test_draining_refuses_new_work(backend: FakeBackend) -> None:
         assert r.headers["connection"] == "close"
         assert client.get("/health/ready").status_code == 503
     assert not backend.jobs
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/nothing-here", 404),
+        ("GET", "/v1/models/bad%0Aname", 404),  # a name no route's pattern takes
+        ("GET", "/v1/completions", 405),
+    ],
+)
+def test_starlettes_own_answers_are_openai_shaped(
+    client: TestClient, method: str, path: str, status: int
+) -> None:
+    r = client.request(method, path)
+    assert r.headers["content-type"] == "application/json"
+    assert _error(r, status, None)
