@@ -12,7 +12,8 @@ Only these split a step into several calls: a different model (APD's verifier), 
 cache against one without (a plain row has no slot to attend through), a model's own
 ``generate`` (it runs a whole sampler), and widths far apart: a pass shares a call only with
 passes at most twice as wide (CPU passes are compute-bound: a 32-token block pass padded to a
-200-token full pass costs six times its work).
+200-token full pass costs six times its work), unless all are narrow (``NARROW`` tokens or
+fewer: a verifier's 4-token pass padded to 16 costs what the call costs anyway).
 
 A call is laid out on the host (the strategies' passes are host tensors) and copied to the
 model's device once; after the step, what the strategies read back from the logits is
@@ -35,6 +36,9 @@ from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.kvcache import SlotBatch, SlotStore
 
 SHAPE_BUCKET = 32  # with shape_buckets, padded plain passes are a multiple of this long
+# Passes at most this wide share a call whatever their widths: they cost a call's fixed
+# overheads far more than their tokens.
+NARROW = 64
 
 
 class CacheMemoryError(RuntimeError):
@@ -262,13 +266,13 @@ def _limits(f: Forward, positions: Tensor) -> Tensor:
 
 def _by_width(calls: list[Call], index: list[int]) -> list[list[int]]:
     """Split passes into groups padded to their widest, each pass at least half as wide as
-    its group's widest (padding at most doubles a row's work)."""
+    its group's widest (padding at most doubles a row's work), or all of them NARROW."""
     order = sorted(range(len(calls)), key=lambda i: -int(calls[i].forward.input_ids.shape[1]))
     groups: list[list[int]] = []
     widest = 0
     for i in order:
         w = int(calls[i].forward.input_ids.shape[1])
-        if groups and 2 * w >= widest:
+        if groups and (2 * w >= widest or widest <= NARROW):
             groups[-1].append(index[i])
         else:
             groups.append([index[i]])

@@ -28,7 +28,13 @@ def test_passes_of_close_widths_share_a_call_and_far_ones_do_not(llada: LoadedMo
         assert (run.calls, run.rows) == (1, 3)
         assert [o.logits.shape[1] for o in outs] == [40, 36, 30]
         run.run([Call(_plain(w)) for w in (200, 12, 190, 8)])  # 200 and 190; 12 and 8
-    assert (run.calls, run.rows) == (3, 7)
+        assert (run.calls, run.rows) == (3, 7)
+        # Passes this narrow share a call whatever their widths; wider ones do not.
+        outs = run.run([Call(_plain(w)) for w in (60, 6, 20)])
+        assert (run.calls, run.rows) == (4, 10)
+        assert [o.logits.shape[1] for o in outs] == [60, 6, 20]
+        run.run([Call(_plain(w)) for w in (100, 40)])
+    assert (run.calls, run.rows) == (6, 12)
 
 
 def test_cached_and_plain_passes_are_separate_calls(llada: LoadedModel) -> None:
