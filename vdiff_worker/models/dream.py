@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdiff_worker.models.base import AttentionBlock, BidirectionalLM, KVShape
@@ -26,6 +25,7 @@ from vdiff_worker.models.layers import (
     attend,
     merge_heads,
     pick,
+    project,
     split_heads,
     swiglu,
 )
@@ -168,8 +168,4 @@ class DreamModel(BidirectionalLM):
         return cast(Sequence[AttentionBlock], self.model.layers)
 
     def head(self, h: Tensor) -> Tensor:
-        h = self.model.norm(h)
-        if self.lm_head is None:
-            return F.linear(h, self.model.embed_tokens.weight)
-        out: Tensor = self.lm_head(h)
-        return out
+        return project(self.model.norm(h), self.lm_head, self.model.embed_tokens)

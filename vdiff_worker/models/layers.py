@@ -174,5 +174,11 @@ def pick(x: Tensor, rows: Tensor | None) -> Tensor:
     return x if rows is None else x.flatten(0, 1).index_select(0, rows)
 
 
+def project(h: Tensor, head: nn.Linear | None, embedding: nn.Embedding) -> Tensor:
+    """Logits through the output head, or through the embedding where the checkpoint ties
+    the two (it then ships no head)."""
+    return F.linear(h, embedding.weight) if head is None else head(h)
+
+
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up

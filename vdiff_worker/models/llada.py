@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdiff_worker.models.base import AttentionBlock, BidirectionalLM, KVShape
@@ -26,6 +25,7 @@ from vdiff_worker.models.layers import (
     attend,
     merge_heads,
     pick,
+    project,
     split_heads,
     swiglu,
 )
@@ -176,7 +176,7 @@ class LLaDAModel(BidirectionalLM):
     def head(self, h: Tensor) -> Tensor:
         t = self.model.transformer
         h = t.ln_f(h)
-        logits = F.linear(h, t.wte.weight) if t.ff_out is None else t.ff_out(h)
+        logits = project(h, t.ff_out, t.wte)
         if self.config.scale_logits:
             logits = logits * (1 / math.sqrt(self.config.d_model))
         return logits

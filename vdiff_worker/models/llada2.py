@@ -33,6 +33,7 @@ from vdiff_worker.models.layers import (
     attend,
     merge_heads,
     pick,
+    project,
     swiglu,
 )
 
@@ -347,8 +348,4 @@ class LLaDA2Model(BidirectionalLM):
         return cast(Sequence[AttentionBlock], self.model.layers)
 
     def head(self, h: Tensor) -> Tensor:
-        h = self.model.norm(h)
-        if self.lm_head is None:
-            return F.linear(h, self.model.word_embeddings.weight)
-        out: Tensor = self.lm_head(h)
-        return out
+        return project(self.model.norm(h), self.lm_head, self.model.word_embeddings)
