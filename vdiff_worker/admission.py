@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import torch
 
 from vdiff_common.protocol import Generate, SamplingParams
@@ -41,22 +41,30 @@ def reference_only(p: SamplingParams, kind: str) -> str | None:
     return None
 
 
-@dataclass
 class Defaults:
-    """Server-wide defaults for fields a request leaves unset, by the fields' names (and the
-    server-only max_parallel)."""
+    """Server-wide defaults for the request fields a request leaves unset: a SamplingParams of
+    their own, so each has the field's name, type and bounds (a bad one is refused at start,
+    naming it), plus the server-only ``max_parallel``. Only fields that are None when unset can
+    have one (``top_p``, ``stop`` and the like always carry a value); ``seed`` has none, or
+    every request would draw the same noise."""
 
-    max_tokens: int = 128
-    diffusion_steps: int | None = None  # None: the strategy's own (one step per token)
-    block_length: int = 32
-    decoding: str | None = None  # None: FAST for the model's kind, else the reference
-    remasking: str = "low_confidence"
-    temperature: float = 0.0
-    threshold: float | None = None  # None: THRESHOLD for the model's kind, else 0.9
-    factor: float = 1.0  # Fast-dLLM's default
-    cache: str | None = None  # None: the fast default's cache, else none
-    alg: str = "entropy"
-    max_parallel: int | None = None  # tokens committed per pass, for threshold/factor/apd
+    BASE: dict[str, Any] = {"max_tokens": 128, "block_length": 32}
+    FIELDS = frozenset(
+        f.name
+        for f in msgspec.structs.fields(SamplingParams)
+        if f.default is None and f.name != "seed"
+    )
+
+    def __init__(self, max_parallel: int | None = None, **fields: Any) -> None:
+        unknown = sorted(set(fields) - self.FIELDS)
+        if unknown:
+            have = ", ".join(sorted(self.FIELDS))
+            raise ValueError(f"{unknown[0]!r} has no server default; those that do: {have}")
+        try:
+            self.params = msgspec.convert({**self.BASE, **fields}, SamplingParams)
+        except msgspec.ValidationError as err:
+            raise ValueError(f"server default: {err}") from None
+        self.max_parallel = max_parallel
 
 
 class Admission:
@@ -74,7 +82,7 @@ class Admission:
 
     def decoding(self, p: SamplingParams) -> tuple[str, str]:
         """(decoding, cache) the request runs with."""
-        d, kind = self.defaults, self.loaded.kind
+        d, kind = self.defaults.params, self.loaded.kind
         cache = p.cache or d.cache or CACHE.get(kind, "none")
         if p.decoding is not None or d.decoding is not None:
             return p.decoding or d.decoding or "reference", cache
@@ -86,13 +94,13 @@ class Admission:
     def settings(self, p: SamplingParams, cls: type[Strategy], cache: str) -> Settings:
         """Each setting is its request field, else the server's default of that name, else
         what depends on the strategy or the model kind, else Settings' own default."""
-        d, fields = self.defaults, Settings.__dataclass_fields__
+        d, fields = self.defaults.params, Settings.__dataclass_fields__
         resolved: dict[str, Any] = {}
         for name in SamplingParams.__struct_fields__:
             setting = RENAMED.get(name, name)
             if setting in fields:
                 value = getattr(p, name)
-                value = getattr(d, name, None) if value is None else value
+                value = getattr(d, name) if value is None else value
                 if value is not None:
                     resolved[setting] = value
         gen = resolved["gen_length"]
@@ -100,7 +108,7 @@ class Admission:
         resolved.setdefault("steps", cls.default_steps(gen, block))
         resolved.setdefault("threshold", THRESHOLD.get(self.loaded.kind, 0.9))
         resolved["cache"] = cache  # resolved with the decoding (see decoding())
-        return Settings(**resolved, max_parallel=d.max_parallel, models=self.models)
+        return Settings(**resolved, max_parallel=self.defaults.max_parallel, models=self.models)
 
     def prompt_ids(self, job: Generate) -> list[int]:
         tok = self.loaded.tokenizer

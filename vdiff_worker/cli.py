@@ -10,8 +10,9 @@ import socket
 import sys
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from loguru import logger
 
 from vdiff_common import config, curve
@@ -22,6 +23,7 @@ from vdiff_worker.tiny import MODEL_DIR, VERIFIER_DIR
 if TYPE_CHECKING:  # the gateway imports this module for its flags, without torch
     from torch import nn
 
+    from vdiff_worker.admission import Defaults
     from vdiff_worker.models.loader import LoadedModel
 
 DEFAULT_MODEL = str(MODEL_DIR)
@@ -93,13 +95,13 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         type=int,
         help="default denoising steps (default: one per generated token)",
     )
-    config.add(g, "--block-size", default=32, type=int, help="default semi-AR block length")
+    config.add(g, "--block-size", default=None, type=int, help="default semi-AR block length (32)")
     config.add(
         g,
         "--max-tokens",
-        default=128,
+        default=None,
         type=int,
-        help="default generation canvas when a request sets no max_tokens",
+        help="default generation canvas when a request sets no max_tokens (128)",
     )
     config.add(
         g,
@@ -116,6 +118,13 @@ def add_worker_args(p: argparse.ArgumentParser, standalone: bool) -> None:
         type=float,
         help="default confidence threshold of decoding 'threshold' (Fast-dLLM) and of "
         "LLaDA2's decodings (default: 0.9; 0.95 for LLaDA2)",
+    )
+    config.add(
+        g,
+        "--override-generation-config",
+        default=None,
+        help="server defaults of any request fields, as JSON (as vLLM's flag): e.g. "
+        '\'{"cache": "prefix", "temperature": 0.7}\'; the flags above win for their fields',
     )
     config.add(
         g,
@@ -277,10 +286,47 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def check_decoding_flags(args: argparse.Namespace) -> None:
-    """Refuse decoding flags that cannot work, before anything is loaded."""
-    if args.apd_threshold is not None and not 0.0 <= args.apd_threshold <= 1.0:
-        raise ValueError(f"--apd-threshold must be within [0, 1], not {args.apd_threshold}")
+# Flags that set one request field's server default each (the seed's and vLLM's names):
+# argparse dest -> SamplingParams field. Every field's default can be set in
+# --override-generation-config; these win for theirs.
+DEFAULT_FLAGS = {
+    "max_tokens": "max_tokens",
+    "block_size": "block_length",
+    "diffusion_steps": "diffusion_steps",
+    "decoding": "decoding",
+    "apd_threshold": "threshold",
+}
+
+
+def server_defaults(args: argparse.Namespace) -> Defaults:
+    """The server's defaults of request fields: --override-generation-config, under the flags
+    of DEFAULT_FLAGS, each checked against its field's type and bounds (ValueError naming it)."""
+    from vdiff_worker.admission import Defaults
+
+    fields: dict[str, Any] = {}
+    if args.override_generation_config is not None:
+        try:
+            fields = msgspec.json.decode(args.override_generation_config, type=dict[str, Any])
+            Defaults(**fields)
+        except (msgspec.DecodeError, ValueError) as err:
+            raise ValueError(f"--override-generation-config: {err}") from None
+    for dest, field in DEFAULT_FLAGS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            try:
+                Defaults(**{field: value})
+            except ValueError as err:
+                raise ValueError(f"--{dest.replace('_', '-')} {value}: {err}") from None
+            fields[field] = value
+    if args.disable_apd:
+        fields.setdefault("decoding", "reference")
+    return Defaults(max_parallel=args.apd_max_parallel, **fields)
+
+
+def check_decoding_flags(args: argparse.Namespace) -> Defaults:
+    """Refuse decoding flags that cannot work, before anything is loaded; the server's
+    defaults they give."""
+    defaults = server_defaults(args)
     if args.apd_max_parallel is not None and args.apd_max_parallel < 1:
         raise ValueError(f"--apd-max-parallel must be at least 1, not {args.apd_max_parallel}")
     if apd_enabled(args) and args.apd_verifier is None:
@@ -293,8 +339,9 @@ def check_decoding_flags(args: argparse.Namespace) -> None:
         args.apd_verifier = str(VERIFIER_DIR)
     if not apd_enabled(args) and args.apd_verifier is not None:
         raise ValueError("--apd-verifier is used only with --enable-apd")
-    if args.decoding == "apd" and not apd_enabled(args):
+    if defaults.params.decoding == "apd" and not apd_enabled(args):
         raise ValueError("--decoding apd needs --enable-apd --apd-verifier DIR")
+    return defaults
 
 
 def apd_enabled(args: argparse.Namespace) -> bool:
@@ -336,7 +383,6 @@ async def serve(args: argparse.Namespace) -> int:
     import torch
 
     from vdiff_worker import accel
-    from vdiff_worker.admission import Defaults
     from vdiff_worker.decoding import ParamError, strategy_for
     from vdiff_worker.engine import Engine
     from vdiff_worker.metrics import WorkerMetrics
@@ -347,7 +393,7 @@ async def serve(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) // 2))
     try:
-        check_decoding_flags(args)
+        defaults = check_decoding_flags(args)
         opts = accel.Options.from_flags(
             compile=args.compile,
             compile_mode=args.compile_mode,
@@ -389,11 +435,11 @@ async def serve(args: argparse.Namespace) -> int:
             )
             return 2
         loaded.max_model_len = args.max_model_len
-    if args.decoding is not None:
+    if defaults.params.decoding is not None:
         try:
-            strategy_for(loaded.kind, args.decoding)
+            strategy_for(loaded.kind, defaults.params.decoding)
         except ParamError as err:
-            logger.error("--decoding {}: {}", args.decoding, err)
+            logger.error("--decoding {}: {}", defaults.params.decoding, err)
             return 2
     try:
         verifier = load_verifier(args, loaded)
@@ -409,14 +455,6 @@ async def serve(args: argparse.Namespace) -> int:
         logger.error("{}", err)
         return 2
     name = args.served_model_name or loaded.name
-    defaults = Defaults(
-        max_tokens=args.max_tokens,
-        diffusion_steps=args.diffusion_steps,
-        block_length=args.block_size,
-        decoding=args.decoding or ("reference" if args.disable_apd else None),
-        threshold=args.apd_threshold,
-        max_parallel=args.apd_max_parallel,
-    )
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     metrics = WorkerMetrics(name, worker_id, loaded.device)
     metrics.memory()

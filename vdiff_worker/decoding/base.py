@@ -90,12 +90,12 @@ class Settings:
     gen_length: int
     steps: int
     block_length: int
-    temperature: float
+    temperature: float = 0.0
     top_p: float = 1.0
     top_k: int | None = None
     remasking: str = "low_confidence"
     threshold: float | None = None
-    factor: float | None = None
+    factor: float = 1.0  # Fast-dLLM's
     cache: str = "none"
     cfg_scale: float = 0.0
     alg: str = "entropy"

@@ -205,14 +205,7 @@ class Factor(BlockDecoder):
     name = "factor"
     fields = frozenset({"block_length", "remasking", "cache", "factor", "top_p", "top_k"})
 
-    @classmethod
-    def check(cls, s: Settings) -> None:
-        super().check(s)
-        if s.factor is None:
-            raise ParamError("factor", "decoding 'factor' needs a factor")
-
     def rule(self, n_masked: int) -> Rule:
-        assert self.ctx.settings.factor is not None
         return factor_rule(self.ctx.settings.factor)
 
 
