@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +75,19 @@ def wait_ready(
     raise TimeoutError(
         f"{path} never answered 200:\n" + "\n".join(p.output()[-2000:] for p in procs)
     )
+
+
+def until(cond: Callable[[], object], timeout: float = 30.0) -> None:
+    """Wait for an event: ``cond()`` true (an HTTP error counts as not yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
 
 
 @dataclass

@@ -341,12 +341,16 @@ class Dispatcher:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            now = time.monotonic()
-            for identity, worker in list(self.workers.items()):
-                if now - worker.last_seen > 3 * self.heartbeat_s:
-                    self._drop(identity, "silent for 3 heartbeats")
-                else:
-                    self._send(identity, protocol.Heartbeat(sender_id=self.gateway_id))
+            self._beat()
+
+    def _beat(self) -> None:
+        """One heartbeat: drop the workers silent for 3, greet the others."""
+        now = time.monotonic()
+        for identity, worker in list(self.workers.items()):
+            if now - worker.last_seen > 3 * self.heartbeat_s:
+                self._drop(identity, "silent for 3 heartbeats")
+            else:
+                self._send(identity, protocol.Heartbeat(sender_id=self.gateway_id))
 
     def _drop(self, identity: bytes, why: str) -> None:
         worker = self.workers.pop(identity)

@@ -119,3 +119,27 @@ def test_a_frame_meant_for_a_worker_is_counted_and_dropped(dispatcher: Dispatche
         dispatcher._on_frames([b"w1", protocol.encode(msg)])
     assert dispatcher.frames.rejected == 3
     assert not dispatcher.jobs and list(dispatcher.workers) == [b"w1"]
+
+
+def test_a_worker_silent_for_three_heartbeats_stops_routing_then_is_dropped(
+    dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The gateway's own clock decides (heartbeat_s = 1): routable up to 3 s of silence, not
+    # after; the next heartbeat tick then drops it and greets the others.
+    now = [1000.0]
+    monkeypatch.setattr("vdiff_api.dispatcher.time.monotonic", lambda: now[0])
+    sent: list[bytes] = []
+    monkeypatch.setattr(dispatcher, "_send", lambda identity, msg: sent.append(identity))
+    quiet, chatty = _add(dispatcher, "w1", "a"), _add(dispatcher, "w2", "b")
+    quiet.last_seen = chatty.last_seen = now[0]
+    now[0] += 3.0
+    assert dispatcher.routable(quiet)
+    dispatcher._beat()
+    assert sent == [b"w1", b"w2"] and len(dispatcher.workers) == 2
+    now[0] += 0.01
+    chatty.last_seen = now[0]
+    assert not dispatcher.routable(quiet) and dispatcher.routable(chatty)
+    assert _refusal(dispatcher, "a") == (503, "no worker serving model 'a' is available")
+    sent.clear()
+    dispatcher._beat()
+    assert list(dispatcher.workers) == [b"w2"] and sent == [b"w2"]

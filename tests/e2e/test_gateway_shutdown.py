@@ -1,5 +1,6 @@
-"""Lifecycle through real processes: SIGTERM drains the all-in-one `vdiff`; a SIGKILLed
-worker turns the gateway unready within 3 heartbeats."""
+"""Lifecycle through real processes: SIGTERM drains the all-in-one `vdiff` (unready while its
+stream still runs); a SIGKILLed worker turns the gateway unready and is dropped as silent for 3
+heartbeats (the exact bound, on the gateway's clock: tests/api/test_dispatcher.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import GOLDEN, free_port, spawn, start_allinone, wait_ready
+from tests.conftest import GOLDEN, free_port, spawn, start_allinone, until, wait_ready
 
 PROMPT = json.loads((GOLDEN / "cases" / "shared_llada.json").read_text())["generate"][0][
     "prompt_ids"
@@ -52,9 +53,8 @@ def test_sigterm_drains_the_allinone_server(tmp_path: Path) -> None:
     try:
         assert first.wait(60)
         proc.popen.send_signal(signal.SIGTERM)
-        signalled = time.monotonic()
         while _ready(server.base) != 503:
-            assert time.monotonic() - signalled < 0.5, "ready stayed 200 after SIGTERM"
+            assert reader.is_alive(), "ready stayed 200 until the drained stream ended"
             time.sleep(0.02)
         refused = httpx.post(
             server.url + "/completions",
@@ -77,7 +77,7 @@ def test_sigterm_drains_the_allinone_server(tmp_path: Path) -> None:
     assert proc.popen.wait(timeout=60) == 0
 
 
-def test_sigkilled_worker_turns_ready_off_within_three_heartbeats(tmp_path: Path) -> None:
+def test_sigkilled_worker_turns_ready_off_and_is_dropped_as_silent(tmp_path: Path) -> None:
     port, zmq = free_port(), f"tcp://127.0.0.1:{free_port()}"
     base, hb = f"http://127.0.0.1:{port}", 0.5
     gateway = spawn(
@@ -101,20 +101,12 @@ def test_sigkilled_worker_turns_ready_off_within_three_heartbeats(tmp_path: Path
     )
     try:
         wait_ready(base, [gateway, worker])
-        time.sleep(hb * 1.5)  # whatever the phase of the heartbeats
         worker.stop(signal.SIGKILL)
-        killed = time.monotonic()
-        while True:
-            asked = time.monotonic()
-            if _ready(base) == 503:
-                break
-            assert asked - killed <= 3 * hb, "still ready after 3 heartbeats"
-            time.sleep(0.02)
+        until(lambda: _ready(base) == 503)
         r = httpx.post(base + "/v1/completions", json={"model": "llada-tiny", "prompt": "x"})
         assert r.status_code == 503
-        while httpx.get(base + "/health").json()["workers"]:  # and soon it is forgotten
-            assert time.monotonic() - killed <= 4.5 * hb
-            time.sleep(0.02)
+        until(lambda: not httpx.get(base + "/health").json()["workers"])  # and it is forgotten
+        assert "is dead (silent for 3 heartbeats); 0 jobs affected" in gateway.output()
     finally:
         worker.stop(signal.SIGKILL)
         assert gateway.stop() == 0
