@@ -47,7 +47,8 @@ async def until_disconnect(
                 [pending, gone], timeout=keepalive, return_when=asyncio.FIRST_COMPLETED
             )
             if not pending.done():
-                yield b": keep-alive\n\n"
+                if not gone.done():  # silence, not the client leaving
+                    yield b": keep-alive\n\n"
                 continue
             nxt = None
             try:
