@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 
 import pytest
 import zmq
@@ -52,83 +53,91 @@ def test_a_frame_for_the_other_direction_is_refused() -> None:
     assert counter.rejected == 1
 
 
-async def _pair(
-    got: list[list[bytes]], arrived: asyncio.Event, want: int
-) -> tuple[zmq.Context[zmq.Socket[bytes]], transport.Channel, zmq.Socket[bytes]]:
-    ctx = transport.make_context()
-    sock = transport.router(ctx, "inproc://gateway")
+class Link:
+    """A gateway's channel on a real ROUTER and one worker's DEALER, in this process."""
 
-    def on_frames(frames: list[bytes]) -> None:
-        got.append(frames)
-        if len(got) >= want:
-            arrived.set()
+    def __init__(self) -> None:
+        self.ctx = transport.make_context()
+        self.got: list[list[bytes]] = []  # [identity, frame] as the channel received them
+        self.chan = transport.Channel(
+            transport.router(self.ctx, "inproc://gateway"),
+            asyncio.get_running_loop(),
+            self.got.append,
+        )
+        self.dealers = [self.dealer()]
 
-    chan = transport.Channel(sock, asyncio.get_running_loop(), on_frames)
-    return ctx, chan, transport.dealer(ctx, "inproc://gateway", b"worker-1")
+    def dealer(self) -> zmq.Socket[bytes]:
+        return transport.dealer(self.ctx, "inproc://gateway", b"worker-1")
+
+    async def received(self, n: int) -> list[bytes]:
+        """The frames, once ``n`` have arrived."""
+        for _ in range(1000):
+            if len(self.got) >= n:
+                return [f for _, f in self.got]
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(self.got)} of {n} frames arrived")
+
+    def close(self) -> None:
+        self.chan.close()
+        for d in self.dealers:
+            d.close(0)
+        self.ctx.term()
+
+
+def run(test: Callable[[Link], Awaitable[None]]) -> None:
+    async def main() -> None:
+        link = Link()
+        try:
+            await test(link)
+        finally:
+            link.close()
+
+    asyncio.run(main())
 
 
 def test_the_channel_reads_bursts_and_sends_from_any_thread() -> None:
-    async def main() -> None:
+    async def test(link: Link) -> None:
         n = transport.Channel.BURST * 2 + 5  # more than one wake-up's worth
-        got: list[list[bytes]] = []
-        arrived = asyncio.Event()
-        ctx, chan, dealer = await _pair(got, arrived, n)
         for i in range(n):
-            dealer.send(str(i).encode())
-        await asyncio.wait_for(arrived.wait(), 10)
-        assert [f for _, f in got] == [str(i).encode() for i in range(n)]
-        assert {ident for ident, _ in got} == {b"worker-1"}
+            link.dealers[0].send(str(i).encode())
+        assert await link.received(n) == [str(i).encode() for i in range(n)]
+        assert {ident for ident, _ in link.got} == {b"worker-1"}
         # A thread that is not the loop's sends (as a worker's engine does).
         sent: list[bool] = []
-        t = threading.Thread(target=lambda: sent.append(chan.send([b"worker-1", b"hello"])))
+        t = threading.Thread(target=lambda: sent.append(link.chan.send([b"worker-1", b"hi"])))
         t.start()
         t.join()
         assert sent == [True]
-        assert await asyncio.to_thread(dealer.recv) == b"hello"
-        chan.close()
-        assert chan.send([b"worker-1", b"late"]) is False  # closed: refused, not raised
-        dealer.close(0)
-        ctx.term()
+        assert await asyncio.to_thread(link.dealers[0].recv) == b"hi"
+        link.chan.close()
+        assert link.chan.send([b"worker-1", b"late"]) is False  # closed: refused, not raised
 
-    asyncio.run(main())
+    run(test)
 
 
 def test_a_send_that_swallows_the_readable_signal_still_drains() -> None:
     # The socket's fd is edge-triggered: frames that arrive while the loop sends must still
     # be read, without waiting for another frame to wake the reader.
-    async def main() -> None:
-        got: list[list[bytes]] = []
-        arrived = asyncio.Event()
-        ctx, chan, dealer = await _pair(got, arrived, 3)
+    async def test(link: Link) -> None:
+        dealer = link.dealers[0]
         dealer.send(b"a")
-        await asyncio.sleep(0.05)
+        await link.received(1)
         dealer.send(b"b")
         dealer.send(b"c")
-        assert chan.send([b"worker-1", b"x"])
-        await asyncio.wait_for(arrived.wait(), 10)
-        assert [f for _, f in got] == [b"a", b"b", b"c"]
-        chan.close()
-        dealer.close(0)
-        ctx.term()
+        assert link.chan.send([b"worker-1", b"x"])
+        assert await link.received(3) == [b"a", b"b", b"c"]
 
-    asyncio.run(main())
+    run(test)
 
 
 def test_a_restarted_worker_takes_over_its_identity() -> None:
-    async def main() -> None:
-        got: list[list[bytes]] = []
-        arrived = asyncio.Event()
-        ctx, chan, first = await _pair(got, arrived, 2)
-        first.send(b"one")
-        await asyncio.sleep(0.05)
-        second = transport.dealer(ctx, "inproc://gateway", b"worker-1")
+    async def test(link: Link) -> None:
+        link.dealers[0].send(b"one")
+        await link.received(1)
+        link.dealers.append(second := link.dealer())
         second.send(b"two")
-        await asyncio.wait_for(arrived.wait(), 10)
-        assert chan.send([b"worker-1", b"to the new one"])
+        assert await link.received(2) == [b"one", b"two"]
+        assert link.chan.send([b"worker-1", b"to the new one"])
         assert await asyncio.to_thread(second.recv) == b"to the new one"
-        chan.close()
-        for s in (first, second):
-            s.close(0)
-        ctx.term()
 
-    asyncio.run(main())
+    run(test)
