@@ -133,9 +133,11 @@ def generate(src: str, config: dict[str, Any], layers: int, out: Path) -> Path:
 
 
 def _shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The model's own parameter names and shapes, built on the meta device (no memory)."""
+    """The checkpoint's tensor names and shapes, from the model built on the meta device
+    (no memory)."""
     from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
     from vdiff_worker.models.llada2 import LLaDA2Config, LLaDA2Model
+    from vdiff_worker.models.packing import checkpoint_state
 
     with torch.device("meta"):
         model: torch.nn.Module = (
@@ -143,7 +145,7 @@ def _shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             if "n_layers" in cfg
             else LLaDA2Model(LLaDA2Config.from_dict(cfg))
         )
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return {name: tuple(t.shape) for name, t in checkpoint_state(model).items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def test_weight_only_quantization(
     full = load_model(str(GOLDEN / "llada-tiny"))
     opts = Options(quantization=scheme)
     loaded = load_model(str(GOLDEN / "llada-tiny"), dtype=accel.load_dtype(dtype, opts))
-    assert accel.quantize(loaded.model, scheme, CPU) >= 28  # of 29: int4 keeps the vocab head
+    assert accel.quantize(loaded.model, scheme, CPU) >= 16  # of 17: int4 keeps the vocab head
     assert accel.weight_bytes(loaded.model) <= max_ratio * accel.weight_bytes(full.model)
     agree = []
     with torch.no_grad():

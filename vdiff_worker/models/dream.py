@@ -3,7 +3,8 @@
 Dream is Qwen2 (q/k/v bias, grouped-query attention, RMSNorm, SwiGLU) with the causal
 mask removed. Logits come back raw: Dream reads the prediction for position i at i - 1,
 and that shift belongs to the decoder. Module names follow the checkpoint
-(``model.layers.N.self_attn.q_proj`` ..., ``lm_head``).
+(``model.layers.N.self_attn.o_proj`` ..., ``lm_head``); q/k/v and gate/up are packed
+(vdiff_worker.models.packing).
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from vdiff_worker.models.layers import (
     RMSNorm,
     RopeTables,
     Rotary,
-    apply_rope,
     attend,
     merge_heads,
     pick,
     project,
-    split_heads,
+    qkv_heads,
     swiglu,
 )
+from vdiff_worker.models.packing import Packed
 
 
 @dataclass(frozen=True)
@@ -76,9 +77,9 @@ class DreamAttention(nn.Module):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
+        self.qkv = Packed(
+            cfg.hidden_size, (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)), True
+        )
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
     def forward(
@@ -90,9 +91,7 @@ class DreamAttention(nn.Module):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        q = apply_rope(split_heads(self.q_proj(x), self.num_heads), rope)
-        k = apply_rope(split_heads(self.k_proj(x), self.num_kv_heads), rope)
-        v = split_heads(self.v_proj(x), self.num_kv_heads)
+        q, k, v = qkv_heads(self.qkv(x), self.num_heads, self.num_kv_heads, rope)
         out = self.o_proj(pick(merge_heads(attend(q, (k, v), key_mask, cache, layer)), rows))
         return out
 
@@ -100,12 +99,12 @@ class DreamAttention(nn.Module):
 class DreamMLP(nn.Module):
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        width = cfg.intermediate_size
+        self.gate_up = Packed(cfg.hidden_size, (("gate_proj", width), ("up_proj", width)), False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        out: Tensor = self.down_proj(swiglu(self.gate_up(x)))
         return out
 
 

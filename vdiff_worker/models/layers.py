@@ -49,8 +49,11 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class RopeTables:
-    cos: Tensor  # [B, 1, L, D], in the dtype the rotation is computed in
-    sin: Tensor
+    """Per position, in the dtype the rotation is computed in, laid out [B, L, 1, D] to
+    broadcast over the heads of a [B, L, H, D] projection."""
+
+    cos: Tensor
+    sin: Tensor  # its first half negated: the rotation is then one roll, no negation
 
 
 class Rotary:
@@ -64,30 +67,44 @@ class Rotary:
         self.head_dim = head_dim
         self.theta = theta
         self.full_precision = full_precision
+        self._inv_freq: dict[torch.device, Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> Tensor:
+        if device not in self._inv_freq:
+            exponent = torch.arange(0, self.head_dim, 2, device=device).float()
+            self._inv_freq[device] = 1.0 / (self.theta ** (exponent / self.head_dim))
+        return self._inv_freq[device]
 
     def tables(self, position_ids: Tensor, dtype: torch.dtype) -> RopeTables:
-        exponent = torch.arange(0, self.head_dim, 2, device=position_ids.device).float()
-        inv_freq = 1.0 / (self.theta ** (exponent / self.head_dim))
-        freqs = position_ids[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-        cos, sin = emb.cos(), emb.sin()
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos, sin = (
+            torch.cat((cos, cos), dim=-1)[:, :, None],
+            torch.cat((-sin, sin), dim=-1)[:, :, None],
+        )
         if not self.full_precision:
             cos, sin = cos.to(dtype), sin.to(dtype)
         return RopeTables(cos=cos, sin=sin)
 
 
 def apply_rope(x: Tensor, rope: RopeTables) -> Tensor:
-    """Rotate ``x`` [B, H, L, D] by the position tables."""
+    """Rotate ``x`` [B, L, H, D] by the position tables: x cos + (-x2, x1) sin, with the
+    sign carried by the table (negating either factor gives the same bits)."""
     xt = x.to(rope.cos.dtype)
-    first, second = xt.chunk(2, dim=-1)
-    rotated = torch.cat((-second, first), dim=-1)
+    rotated = xt.roll(x.shape[-1] // 2, dims=-1)
     return (xt * rope.cos + rotated * rope.sin).to(x.dtype)
 
 
-def split_heads(x: Tensor, n_heads: int) -> Tensor:
-    """[B, L, H*D] -> [B, H, L, D]."""
-    batch, length, _ = x.shape
-    return x.view(batch, length, n_heads, -1).transpose(1, 2)
+def qkv_heads(
+    qkv: Tensor, heads: int, kv_heads: int, rope: RopeTables
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A packed [B, L, (H + 2 H_kv) * D] projection as rotated queries [B, H, L, D],
+    rotated keys and values [B, H_kv, L, D]: queries and keys rotate in one call."""
+    batch, length, _ = qkv.shape
+    x = qkv.view(batch, length, heads + 2 * kv_heads, -1)
+    qk = apply_rope(x[:, :, : heads + kv_heads], rope)
+    v = x[:, :, heads + kv_heads :]
+    return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -180,5 +197,7 @@ def project(h: Tensor, head: nn.Linear | None, embedding: nn.Embedding) -> Tenso
     return F.linear(h, embedding.weight) if head is None else head(h)
 
 
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def swiglu(gate_up: Tensor) -> Tensor:
+    """SiLU(gate) * up of a packed [..., 2 * I] gate-and-up projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -1,8 +1,9 @@
 """LLaDA (GSAI-ML/LLaDA-8B-*) as a native bidirectional transformer.
 
-Module names follow the checkpoint (``model.transformer.blocks.N.q_proj`` ...) so the
-weights load by name. Only the Llama-style block LLaDA ships is implemented; configs
-asking for other OLMo variants are refused at load time.
+Module names follow the checkpoint (``model.transformer.blocks.N.attn_out`` ...) so the
+weights load by name; the query, key and value projections and the MLP's ``ff_proj`` and
+``up_proj`` are packed (vdiff_worker.models.packing). Only the Llama-style block LLaDA
+ships is implemented; configs asking for other OLMo variants are refused at load time.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from vdiff_worker.models.layers import (
     RMSNorm,
     RopeTables,
     Rotary,
-    apply_rope,
     attend,
     merge_heads,
     pick,
     project,
-    split_heads,
+    qkv_heads,
     swiglu,
 )
+from vdiff_worker.models.packing import Packed
 
 
 @dataclass(frozen=True)
@@ -102,13 +103,13 @@ class LLaDABlock(AttentionBlock):
         qkv_bias = cfg.include_bias or cfg.include_qkv_bias
         bias = cfg.include_bias
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=qkv_bias)
+        self.qkv = Packed(
+            cfg.d_model, (("q_proj", cfg.d_model), ("k_proj", kv_dim), ("v_proj", kv_dim)), qkv_bias
+        )
         self.attn_out = nn.Linear(cfg.d_model, cfg.d_model, bias=bias)
         self.ff_norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden_size, bias=bias)
+        hidden = cfg.mlp_hidden_size
+        self.gate_up = Packed(cfg.d_model, (("ff_proj", hidden), ("up_proj", hidden)), bias)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=bias)
 
     def forward(
@@ -121,13 +122,10 @@ class LLaDABlock(AttentionBlock):
         rows: Tensor | None = None,
     ) -> Tensor:
         x = self.attn_norm(h)
-        q = apply_rope(split_heads(self.q_proj(x), self.n_heads), rope)
-        k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), rope)
-        v = split_heads(self.v_proj(x), self.n_kv_heads)
+        q, k, v = qkv_heads(self.qkv(x), self.n_heads, self.n_kv_heads, rope)
         att = merge_heads(attend(q, (k, v), key_mask, cache, layer))
         h = pick(h, rows) + self.attn_out(pick(att, rows))
-        x = self.ff_norm(h)
-        h = h + self.ff_out(swiglu(self.ff_proj(x), self.up_proj(x)))
+        h = h + self.ff_out(swiglu(self.gate_up(self.ff_norm(h))))
         return h
 
 

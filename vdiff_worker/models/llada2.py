@@ -8,7 +8,8 @@ selection biased by ``expert_bias``, plus always-on shared experts. The model is
 block-causally; the block structure arrives as ``limits`` in the shared forward, so this
 module itself attends bidirectionally over whatever keys it is given. Module names follow the
 checkpoint (``model.word_embeddings``, ``model.layers.N.attention.query_key_value`` ...,
-``lm_head``) so the weights load by name.
+``lm_head``) so the weights load by name; each MLP's gate and up projections are packed
+(vdiff_worker.models.packing).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from vdiff_worker.models.layers import (
     project,
     swiglu,
 )
+from vdiff_worker.models.packing import Packed
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class LLaDA2Config:
 
 
 def apply_partial_rope(x: Tensor, rope: RopeTables, dim: int) -> Tensor:
-    """Rotate the first ``dim`` dims of each head of ``x`` [B, H, L, D]; keep the rest."""
+    """Rotate the first ``dim`` dims of each head of ``x`` [B, L, H, D]; keep the rest."""
     if dim == x.shape[-1]:
         return apply_rope(x, rope)
     return torch.cat((apply_rope(x[..., :dim], rope), x[..., dim:]), dim=-1)
@@ -183,14 +185,12 @@ class LLaDA2Attention(nn.Module):
         qkv = self.query_key_value(x).view(
             batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim
         )
-        q, k, v = (
-            t.transpose(1, 2)
-            for t in qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
-        )
+        q, k, v = qkv.split([self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2)
         if self.query_layernorm is not None and self.key_layernorm is not None:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q = apply_partial_rope(q, rope, self.rotary_dim)
-        k = apply_partial_rope(k, rope, self.rotary_dim)
+        q = apply_partial_rope(q, rope, self.rotary_dim).transpose(1, 2)
+        k = apply_partial_rope(k, rope, self.rotary_dim).transpose(1, 2)
+        v = v.transpose(1, 2)
         att = merge_heads(attend(q, (k, v), key_mask, cache, layer))
         out: Tensor = self.dense(pick(att, rows))
         return out
@@ -201,12 +201,12 @@ class LLaDA2MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        parts = (("gate_proj", intermediate), ("up_proj", intermediate))
+        self.gate_up = Packed(hidden, parts, False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        out: Tensor = self.down_proj(swiglu(self.gate_up(x)))
         return out
 
 

@@ -1,7 +1,8 @@
 """Memory-mapped safetensors loading into a model built on the meta device.
 
 Each tensor is read once from the mapped file, cast and moved, then put in place of its
-meta parameter, so peak memory is the model plus one tensor, never two models.
+meta parameter (or into its rows of a packed one), so peak memory is the model plus one
+tensor, never two models. Names are the checkpoint's (see vdiff_worker.models.packing).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from vdiff_worker.models.errors import CheckpointError
+from vdiff_worker.models.packing import checkpoint_parts
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -40,9 +42,14 @@ def weight_map(path: Path) -> dict[str, str]:
 
 
 def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: torch.device) -> None:
-    """Fill every parameter of ``model`` from the checkpoint, checking names and shapes."""
+    """Fill every parameter of ``model`` from the checkpoint, checking names and shapes.
+
+    A packed parameter is allocated once and its parts copied into their rows as their
+    shards come up (parts may sit in different shards)."""
     mapping = weight_map(path)
-    wanted = dict(model.named_parameters())
+    params = dict(model.named_parameters())
+    sources = checkpoint_parts(model)
+    wanted = {part.name: (name, part) for name, parts in sources.items() for part in parts}
     missing = [name for name in wanted if name not in mapping]
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -62,7 +69,13 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: torch
     for shard in shards:
         with safe_open(str(path / shard), framework="pt") as f:
             for name in by_shard[shard]:
-                _check_shape(f.get_slice(name).get_shape(), wanted[name], name, path)
+                param_name, part = wanted[name]
+                param = params[param_name]
+                expected = list(param.shape)
+                if len(sources[param_name]) > 1:
+                    expected[0] = part.rows
+                _check_shape(f.get_slice(name).get_shape(), expected, name, path)
+    packed: dict[str, torch.Tensor] = {}
     for i, shard in enumerate(shards, start=1):
         logger.info(
             "loading shard {}/{}: {} ({} tensors)", i, len(shards), shard, len(by_shard[shard])
@@ -72,11 +85,20 @@ def load_weights(model: nn.Module, path: Path, dtype: torch.dtype, device: torch
                 tensor = f.get_tensor(name)
                 if tensor.is_floating_point():
                     tensor = tensor.to(dtype)
-                _set_parameter(model, name, tensor)
+                param_name, part = wanted[name]
+                if len(sources[param_name]) == 1:
+                    _set_parameter(model, param_name, tensor)
+                    continue
+                target = packed.get(param_name)
+                if target is None:
+                    shape = params[param_name].shape
+                    target = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+                    packed[param_name] = target
+                    _set_parameter(model, param_name, target)
+                target[part.offset : part.offset + part.rows].copy_(tensor)
 
 
-def _check_shape(got: list[int], param: nn.Parameter, name: str, path: Path) -> None:
-    expected = list(param.shape)
+def _check_shape(got: list[int], expected: list[int], name: str, path: Path) -> None:
     if list(got) != expected:
         raise CheckpointError(
             f"{path}: weight {name} has shape {list(got)}, the config implies {expected}"

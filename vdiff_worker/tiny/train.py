@@ -60,6 +60,7 @@ from vdiff_worker.decoding.base import Context, Fetch, Forward, Settings, Steps
 from vdiff_worker.decoding.llada import LLaDAReference
 from vdiff_worker.models.base import ModelOutput
 from vdiff_worker.models.llada import LLaDAConfig, LLaDAModel
+from vdiff_worker.models.packing import checkpoint_state, load_checkpoint_state
 from vdiff_worker.tiny.tasks import CAPITALS, HELD_OUT_SEED, KINDS, TIMES, WORDS, Task, suite
 from vdiff_worker.tokenizer import Tokenizer
 
@@ -420,8 +421,7 @@ def llada_from_ar(ar: Qwen2ForCausalLM, cfg: dict[str, Any]) -> LLaDAModel:
     for src, dst in _AR_TO_LLADA.items():
         for i in range(cfg["n_layers"]) if "{i}" in src else [0]:
             names[src.format(i=i)] = dst.format(i=i)
-    state = {names[k]: v.detach().clone() for k, v in ar.state_dict().items()}
-    model.load_state_dict(state, strict=True)
+    load_checkpoint_state(model, {names[k]: v.detach() for k, v in ar.state_dict().items()})
     return model
 
 
@@ -634,7 +634,7 @@ def save_common(out: Path, tok: RawTokenizer, ids: Ids) -> None:
 
 
 def save_llada(model: LLaDAModel, cfg: dict[str, Any], out: Path) -> None:
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.contiguous() for k, v in checkpoint_state(model).items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_json(out / "config.json", cfg)
 
@@ -731,7 +731,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.monotonic()
     if args.stage in ("polish", "digits"):
         polished = LLaDAModel(LLaDAConfig.from_dict(cfg))
-        polished.load_state_dict(load_file(str(mdm_dir / "model.safetensors")), strict=True)
+        load_checkpoint_state(polished, load_file(str(mdm_dir / "model.safetensors")))
         weights = POLISH_WEIGHTS if args.stage == "polish" else DIGITS_WEIGHTS
         batches = Batches(tok, ids, streams[args.stage], args.batch_size, excluded, weights)
         train(
