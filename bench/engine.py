@@ -357,8 +357,7 @@ class Timer:
             device = next(module.parameters()).device
             ids = torch.randint(self.vocab, (n, width), device=device)
             # Each row's last `span` positions, as the runner asks for them.
-            heads = (torch.arange(width - span, width) + width * torch.arange(n)[:, None]).view(-1)
-            heads = heads.to(device)
+            heads = torch.arange(width - span, width).expand(n, span).to(device)
             with torch.no_grad():
                 module(ids, heads=heads)  # warm-up
                 if device.type == "cuda":

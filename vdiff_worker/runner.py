@@ -39,6 +39,10 @@ SHAPE_BUCKET = 32  # with shape_buckets, padded plain passes are a multiple of t
 # Passes at most this wide share a call whatever their widths: they cost a call's fixed
 # overheads far more than their tokens.
 NARROW = 64
+# The fewest positions a call reads logits at: below four query rows the CPU's matrix
+# kernels sum in another order, and the last bits of attention would differ from a pass
+# that reads more.
+MIN_QUERIES = 4
 
 
 class CacheMemoryError(RuntimeError):
@@ -197,6 +201,12 @@ class Runner:
         ids, pos, heads, limits = [], [], [], []
         lengths: list[int] = []
         causal = any(c.forward.block for c in calls)
+        # Every row reads the same number of positions, at least MIN_QUERIES (those below
+        # its span are its own tokens too, read and dropped).
+        window = min(
+            width, max(MIN_QUERIES, *(c.forward.span[1] - c.forward.span[0] for c in calls))
+        )
+        starts = []
         for c in calls:
             f = c.forward
             rows, length = f.input_ids.shape
@@ -205,14 +215,15 @@ class Runner:
             pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
             if causal:
                 limits.append(_limits(f, pos[-1]))
-            lo, hi = f.span
-            for _ in range(rows):
-                heads.append(torch.arange(lo, hi) + len(lengths) * width)
-                lengths.append(int(length))
+            start = min(f.span[0], width - window)
+            starts.append(start)
+            heads.append(torch.arange(start, start + window).expand(rows, window))
+            lengths += [int(length)] * rows
         if filler:  # rows of padding only; their outputs are dropped
             ids.append(first.input_ids.new_zeros(filler, width))
             pos.append(first.input_ids.new_zeros(filler, width))
             limits.append(first.input_ids.new_zeros(filler, width))
+            heads.append(torch.arange(window).expand(filler, window))
             lengths += [0] * filler
         self._guard(rows_in + filler, width)
         key_mask, cache = None, None
@@ -232,13 +243,12 @@ class Runner:
         )
         self._count(rows_in + filler)
         results, at = [], 0
-        for c in calls:
+        for c, start in zip(calls, starts, strict=True):
             rows = int(c.forward.input_ids.shape[0])
             lo, hi = c.forward.span
-            n = rows * (hi - lo)
-            logits = out.logits[at : at + n].view(rows, hi - lo, out.logits.shape[-1])
+            logits = out.logits[at : at + rows, lo - start : hi - start]
             results.append(ModelOutput(logits=logits))
-            at += n
+            at += rows
         return results
 
     def _slots(self, calls: list[Call], lengths: list[int]) -> SlotBatch:

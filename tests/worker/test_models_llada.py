@@ -98,17 +98,16 @@ def test_cached_rows_of_any_slot_length_and_position_batch_as_alone(
         ids[0, :8], ids[1, : nb - 10] = a[0, 20:28], b[0, 10:]
         pos = torch.zeros(2, width, dtype=torch.long)
         pos[0, :8], pos[1, : nb - 10] = torch.arange(20, 28), torch.arange(10, nb)
-        heads = torch.zeros(2, width, dtype=torch.bool)
-        heads[0, :8], heads[1, : nb - 10] = True, True
+        # Both rows read their first nb - 10 positions (row a's last ones are padding).
         both = llada.model(
             ids,
             position_ids=pos,
-            heads=heads.flatten().nonzero()[:, 0],
+            heads=torch.arange(nb - 10).expand(2, nb - 10),
             cache=slots_for(llada.model, [(2, 20, 8, na), (0, 10, nb - 10, nb)], cache.store),
         )
-    assert both.logits.shape == (8 + nb - 10, alone_a.logits.shape[-1])
-    assert (both.logits[:8] - alone_a.logits[0]).abs().max().item() <= TOL
-    assert (both.logits[8:] - alone_b.logits[0]).abs().max().item() <= TOL
+    assert both.logits.shape == (2, nb - 10, alone_a.logits.shape[-1])
+    assert (both.logits[0, :8] - alone_a.logits[0]).abs().max().item() <= TOL
+    assert (both.logits[1] - alone_b.logits[0]).abs().max().item() <= TOL
 
 
 def test_a_cached_pass_takes_its_key_mask_from_the_cache(llada: LoadedModel) -> None:

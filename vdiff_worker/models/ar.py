@@ -97,5 +97,7 @@ class CausalLM(nn.Module):
 
 
 def _picked(logits: Tensor, heads: Tensor | None) -> Tensor:
-    """The logits of the flattened positions ``heads`` (all of them without)."""
-    return logits if heads is None else logits.flatten(0, 1).index_select(0, heads)
+    """The logits at ``heads`` ([B, W] positions of each row; all of them without)."""
+    if heads is None:
+        return logits
+    return logits.gather(1, heads[:, :, None].expand(-1, -1, logits.shape[-1]))

@@ -4,9 +4,9 @@ One call serves every pass: without a cache it attends over its own tokens (``ke
 hides padding); with a :class:`~vdiff_worker.models.kvcache.SlotBatch` each row writes its
 keys into its slot and attends to the slot (prefix, dual and windowed caches alike). Cached
 keys are stored after RoPE, so reusing them never needs their positions again. ``heads``
-picks the positions whose logits are wanted (indices into the flattened [B * L] positions: a
-boolean mask would make the device report how many it selects): a sampler reads a block,
-not the whole canvas times the vocabulary.
+([B, W], positions within each row; indices, since a boolean mask would make the device
+report how many it selects) picks the positions whose logits are wanted: a sampler reads a
+block, not the whole canvas times the vocabulary.
 
 ``limits`` gives each query its own key count: query (b, i) attends to keys [0, limits[b, i])
 (input positions without a cache, slot positions with one). That is how block-causal models
@@ -28,7 +28,7 @@ from vdiff_worker.models.layers import RopeTables, Rotary
 
 @dataclass
 class ModelOutput:
-    logits: Tensor  # [B, L, V] in the model dtype; [N, V] (the N positions) with heads
+    logits: Tensor  # [B, L, V] in the model dtype; [B, W, V] (the W positions) with heads
     tokens: Tensor | None = None  # [B, N]: what a model's own whole-sequence generate produced
 
 
@@ -44,9 +44,10 @@ class KVShape:
 class AttentionBlock(nn.Module, abc.ABC):
     """One transformer layer; with a cache it writes and reads its layer of the slots.
 
-    With ``rows`` (the last layer, when only some positions' logits are wanted) every query
-    still attends, but what follows attention runs on those rows alone ([N, D] out): the
-    output projection and the MLP of the other positions would never be read."""
+    With ``rows`` ([B, W]: the last layer, when only some positions' logits are wanted) every
+    position still writes its keys and values, but only those rows' queries attend and what
+    follows runs on them alone ([B, W, D] out): the other positions' outputs would never be
+    read."""
 
     @abc.abstractmethod
     def forward(
@@ -111,6 +112,8 @@ class BidirectionalLM(nn.Module, abc.ABC):
             # A row with every key masked (pure padding) would softmax to NaN; let it see
             # everything instead: its output is never read.
             key_mask = (key_mask | ~key_mask.any(dim=-1, keepdim=True))[:, None, None, :]
+        if heads is not None and (heads.dim() != 2 or heads.shape[0] != batch):
+            raise ValueError(f"heads has shape {tuple(heads.shape)}, want ({batch}, W)")
         h = self.embed(input_ids)
         rope = self.rotary.tables(position_ids, h.dtype)
         layers = self.layers()

@@ -92,7 +92,7 @@ class DreamAttention(nn.Module):
         rows: Tensor | None = None,
     ) -> Tensor:
         q, k, v = qkv_heads(self.qkv(x), self.num_heads, self.num_kv_heads, rope)
-        out = self.o_proj(pick(merge_heads(attend(q, (k, v), key_mask, cache, layer)), rows))
+        out = self.o_proj(merge_heads(attend(q, (k, v), key_mask, cache, layer, rows)))
         return out
 
 

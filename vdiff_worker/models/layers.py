@@ -119,16 +119,25 @@ def attend(
     key_mask: Tensor | None,
     cache: SlotBatch | None,
     layer: int,
+    rows: Tensor | None = None,
 ) -> Tensor:
     """Bidirectional attention of the new queries over their keys, or over their slots.
 
     ``q`` is [B, H, L, D]; keys/values are [B, H_kv, *, D] with H a multiple of H_kv;
     ``key_mask`` is a boolean [B, 1, 1, K] or, a mask per query, [B, 1, L, K] (True =
     attend), or None. With ``cache`` the new keys are written into each row's slot first and
-    the row attends to its slot. FlashAttention has no per-query mask (block-causal
-    attention): those calls run through SDPA.
+    the row attends to its slot. With ``rows`` ([B, W] positions) only those queries attend
+    ([B, H, W, D] out): every key is still written and read. FlashAttention has no
+    per-query mask (block-causal attention): those calls run through SDPA.
     """
     k, v = cache.write_and_read(layer, *kv) if cache is not None else kv
+    if rows is not None:
+        batch, heads, _, dim = q.shape
+        q = q.gather(2, rows[:, None, :, None].expand(batch, heads, -1, dim))
+        if key_mask is not None and key_mask.shape[2] > 1:
+            key_mask = key_mask.gather(
+                2, rows[:, None, :, None].expand(-1, -1, -1, key_mask.shape[3])
+            )
     per_query = key_mask is not None and key_mask.shape[2] > 1
     if _backend == "flash" and not per_query:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -187,8 +196,8 @@ def flash_attention(
 
 
 def pick(x: Tensor, rows: Tensor | None) -> Tensor:
-    """``x`` [B, L, D], or with ``rows`` (indices into the flattened B * L) those rows [N, D]."""
-    return x if rows is None else x.flatten(0, 1).index_select(0, rows)
+    """``x`` [B, L, D], or with ``rows`` ([B, W] positions of each row) those [B, W, D]."""
+    return x if rows is None else x.gather(1, rows[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
 def project(h: Tensor, head: nn.Linear | None, embedding: nn.Embedding) -> Tensor:

@@ -123,8 +123,8 @@ class LLaDABlock(AttentionBlock):
     ) -> Tensor:
         x = self.attn_norm(h)
         q, k, v = qkv_heads(self.qkv(x), self.n_heads, self.n_kv_heads, rope)
-        att = merge_heads(attend(q, (k, v), key_mask, cache, layer))
-        h = pick(h, rows) + self.attn_out(pick(att, rows))
+        att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
+        h = pick(h, rows) + self.attn_out(att)
         h = h + self.ff_out(swiglu(self.gate_up(self.ff_norm(h))))
         return h
 

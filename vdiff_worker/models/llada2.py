@@ -191,8 +191,8 @@ class LLaDA2Attention(nn.Module):
         q = apply_partial_rope(q, rope, self.rotary_dim).transpose(1, 2)
         k = apply_partial_rope(k, rope, self.rotary_dim).transpose(1, 2)
         v = v.transpose(1, 2)
-        att = merge_heads(attend(q, (k, v), key_mask, cache, layer))
-        out: Tensor = self.dense(pick(att, rows))
+        att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
+        out: Tensor = self.dense(att)
         return out
 
 
