@@ -41,9 +41,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 whatever the model dtype, as both reference models do.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        # Normalise in float32 whatever the model dtype, then cast back and scale, as both
+        # reference models do; PyTorch's own x * rsqrt(mean(x^2) + eps) is one call.
+        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
         return self.weight * h.to(x.dtype)
 
 
