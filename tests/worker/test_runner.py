@@ -37,6 +37,30 @@ def test_passes_of_close_widths_share_a_call_and_far_ones_do_not(llada: LoadedMo
     assert (run.calls, run.rows) == (6, 12)
 
 
+def test_passes_reading_spans_of_different_widths_share_a_call_and_get_their_own(
+    llada: LoadedModel,
+) -> None:
+    """Each row reads as many positions as the widest span (at least four); a pass gets back
+    its own span's logits, equal to what it gets alone, also for two positions at its end."""
+    gen = torch.Generator().manual_seed(3)
+
+    def plain(width: int, span: tuple[int, int]) -> Forward:
+        ids = torch.randint(0, 480, (width,), generator=gen)
+        return full_sequence(ids[:8], ids[8:], span)
+
+    passes = [plain(40, (8, 40)), plain(36, (34, 36)), plain(30, (10, 18))]
+    run = runner({"main": llada.model})
+    with torch.no_grad():
+        alone = [run.run([Call(f)])[0].logits for f in passes]
+        together = run.run([Call(f) for f in passes])
+    assert run.calls == len(passes) + 1
+    for a, t, f in zip(alone, together, passes, strict=True):
+        lo, hi = f.span
+        assert t.logits.shape == (1, hi - lo, a.shape[-1])
+        # Padding to a common width moves the last bits (as for any batched call).
+        assert (t.logits - a).abs().max().item() <= 1e-4
+
+
 def test_cached_and_plain_passes_are_separate_calls(llada: LoadedModel) -> None:
     run = runner({"main": llada.model})
     slots = run.acquire(frozenset({"main"}))
