@@ -11,7 +11,7 @@ import torch
 
 from tests.worker.drive import slots_for
 from vdiff_worker.models import LoadedModel, load_model
-from vdiff_worker.models.ar import CausalLM
+from vdiff_worker.models.ar import CausalLM, SlotLayer
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 TOL = 1e-4
@@ -83,6 +83,35 @@ def test_cached_passes_of_different_lengths_batch_as_alone(
         )
     assert (both.logits[0] - full_a.logits[0, pa : pa + 4]).abs().max().item() <= TOL
     assert (both.logits[1, :2] - full_b.logits[0, pb : pb + 2]).abs().max().item() <= TOL
+
+
+def test_attention_reads_the_slots_in_place(
+    ar: LoadedModel, greedy_cases: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decode step writes its key into the slot and attends to a view of the slot: no
+    copy of the sequence's cache is made for the pass."""
+    model, ids = _model(ar), greedy_cases[0]["prompt_ids"]
+    cache = slots_for(model, [(0, 0, len(ids), len(ids))])
+    seen: list[torch.Tensor] = []
+    update = SlotLayer.update
+
+    def spy(self: SlotLayer, *args: Any, **kwargs: Any) -> Any:
+        keys, values = update(self, *args, **kwargs)
+        seen.append(keys)
+        return keys, values
+
+    monkeypatch.setattr(SlotLayer, "update", spy)
+    with torch.no_grad():
+        model(torch.tensor([ids]), cache=cache)
+        step = slots_for(model, [(0, len(ids), 1, len(ids) + 1)], cache.store)
+        model(torch.tensor([[7]]), cache=step)
+    layers = model.kv_shape().layers
+    assert len(seen) == 2 * layers
+    for layer, keys in enumerate(seen[layers:]):
+        slot = cache.store.keys[layer]
+        assert keys.data_ptr() == slot.data_ptr()  # a view of slot 0, not a copy
+        assert keys.shape[2] == len(ids) + 1
+        assert slot[0, :, len(ids)].abs().sum() > 0  # the new key, written in place
 
 
 def test_left_padded_batch_matches_unpadded(

@@ -4,7 +4,9 @@
 attends to its slot's first ``start[i]`` positions (its prefix) and to its new tokens up to
 itself, and the new keys go into the slot. So an AR model decodes token by token with its
 cache in the engine's slots, batched across sequences of any lengths, and serves as APD's
-verifier.
+verifier. The slots stand in for transformers' own cache (``SlotLayer``): each attention
+layer writes its new keys into the slots in place and attends to a view of them, so no pass
+copies a sequence's whole cache.
 """
 
 from __future__ import annotations
@@ -14,10 +16,39 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from vdiff_worker.models.base import KVShape, ModelOutput
-from vdiff_worker.models.kvcache import SlotBatch
+from vdiff_worker.models.kvcache import KVPair, SlotBatch
+
+
+class SlotLayer(CacheLayerMixin):
+    """One attention layer's transformers cache, kept in the engine's slots."""
+
+    is_sliding = False
+
+    def __init__(self, batch: SlotBatch, layer: int) -> None:
+        super().__init__()
+        self.batch, self.layer = batch, layer
+        self.is_initialized = True
+
+    # Signatures take what any transformers since 4.56 passes; the slots need none of it.
+    def lazy_initialization(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to allocate: the slots are preallocated."""
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> KVPair:
+        return self.batch.write_and_read(self.layer, key_states, value_states)
+
+    def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        return self.batch.span, 0
+
+    def get_seq_length(self) -> int:
+        return max(self.batch.start)
+
+    def get_max_length(self) -> int:
+        return self.batch.store.length
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5
 
 
 class CausalLM(nn.Module):
@@ -47,37 +78,43 @@ class CausalLM(nn.Module):
         cache: SlotBatch | None = None,
         heads: Tensor | None = None,
     ) -> ModelOutput:
-        batch, length = input_ids.shape
+        length = input_ids.shape[1]
         if cache is None:
-            logits, _ = self._run(input_ids, None, key_mask, position_ids)
-            return ModelOutput(logits=_picked(logits, heads))
+            return ModelOutput(
+                logits=_picked(self._run(input_ids, None, key_mask, position_ids), heads)
+            )
         if key_mask is not None:
             raise ValueError("a cached pass takes its key mask from the cache")
-        # The prefix each row attends to, gathered from its slot into a transformers cache.
-        # A cache without the model config keeps every layer whole (no sliding-window
-        # cropping), so the new keys are always the tail after the gathered prefix.
-        past = max(cache.start)
-        kv = DynamicCache()
-        mask = None
-        if past:
-            for layer in range(self.kv_shape().layers):
-                kv.update(*cache.read(layer, past), layer)
-        col = torch.arange(past + length, device=input_ids.device)
-        # Every row sees all of it when all prefixes and new spans are as long as the longest.
-        if min(cache.start) < past or min(cache.lengths) < length:
-            mask = torch.where(
-                col[None, :] < past,
-                col[None, :] < cache.start_ids[:, None],
-                col[None, :] - past < cache.new_ids[:, None],
-            )
         if position_ids is None:
             position_ids = cache.start_ids[:, None] + torch.arange(length, device=input_ids.device)
-        logits, out = self._run(input_ids, kv, mask, position_ids)
-        assert out is not None
-        layers: list[Any] = list(out.layers)
-        for layer, lay in enumerate(layers):
-            cache.write(layer, lay.keys[:, :, past:], lay.values[:, :, past:])
-        return ModelOutput(logits=_picked(logits, heads))
+        if not self._flash():
+            mask: Tensor | None = _causal_mask(cache, length)
+        elif length == 1 or _aligned(cache, length):
+            # FlashAttention aligns the causal mask to the end of each row's keys, and with one
+            # new token (or rows whose new tokens all end the slot's keys) that end is exact.
+            mask = cache.key_mask
+        else:
+            return self._rows_alone(input_ids, position_ids, cache, heads)
+        kv = Cache(layers=[SlotLayer(cache, i) for i in range(self.kv_shape().layers)])
+        return ModelOutput(logits=_picked(self._run(input_ids, kv, mask, position_ids), heads))
+
+    def _flash(self) -> bool:
+        return str(getattr(self.hf.config, "_attn_implementation", "")).startswith("flash")
+
+    def _rows_alone(
+        self, input_ids: Tensor, position_ids: Tensor, cache: SlotBatch, heads: Tensor | None
+    ) -> ModelOutput:
+        """One call per row: transformers' FlashAttention path reads where a row's new tokens
+        sit from the end of a 2D mask, so rows of several new tokens ending at different
+        positions cannot share a call there."""
+        length, rows = input_ids.shape[1], []
+        for row, (slot, start, n) in enumerate(zip(cache.slots, cache.start, cache.lengths)):
+            one = SlotBatch(cache.store, [slot], [start], [n], [start + n])
+            logits = self.forward(
+                input_ids[row : row + 1, :n], position_ids[row : row + 1, :n], cache=one
+            ).logits
+            rows.append(torch.nn.functional.pad(logits, (0, 0, 0, length - n)))
+        return ModelOutput(logits=_picked(torch.cat(rows), heads))
 
     def _run(
         self,
@@ -85,15 +122,33 @@ class CausalLM(nn.Module):
         cache: Cache | None,
         mask: Tensor | None,
         position_ids: Tensor | None,
-    ) -> tuple[Tensor, Cache | None]:
+    ) -> Tensor:
         out = self.hf(
             input_ids=input_ids,
-            attention_mask=mask.long() if mask is not None else None,
+            attention_mask=mask.long() if mask is not None and mask.ndim == 2 else mask,
             position_ids=position_ids,
             use_cache=cache is not None,
             **{self._cache_name: cache},
         )
-        return out.logits, getattr(out, self._cache_name)
+        logits: Tensor = out.logits
+        return logits
+
+
+def _causal_mask(cache: SlotBatch, length: int) -> Tensor:
+    """[B, 1, L, K] additive: row i's new token j sits at slot position start[i] + j and sees
+    every position up to its own (eager attention adds the mask; SDPA takes either form)."""
+    device = cache.start_ids.device
+    col = torch.arange(cache.span, device=device)
+    at = cache.start_ids[:, None] + torch.arange(length, device=device)
+    seen = col[None, None, :] <= at[:, :, None]
+    dtype = cache.store.dtype
+    mask = torch.zeros(seen.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+
+
+def _aligned(cache: SlotBatch, length: int) -> bool:
+    """Every row writes ``length`` new tokens that end at the call's last key."""
+    return all(n == length and s + n == cache.span for s, n in zip(cache.start, cache.lengths))
 
 
 def _picked(logits: Tensor, heads: Tensor | None) -> Tensor:

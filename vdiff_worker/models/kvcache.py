@@ -48,6 +48,10 @@ class SlotStore:
         return self.keys[0].device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
