@@ -132,13 +132,15 @@ class Runner:
         for i, c in enumerate(calls):
             f = c.forward
             groups.setdefault((f.model, f.cached is not None, bool(f.new_tokens)), []).append(i)
-        for (_, _, own_generate), members in groups.items():
+        for (_, cached, own_generate), members in groups.items():
             parts = (
                 [[i] for i in members]
                 if own_generate
                 else _by_width([calls[i] for i in members], members)
             )
             for part in parts:
+                if cached:  # in slot order: consecutive slots are read as a view, not copied
+                    part = sorted(part, key=lambda i: calls[i].slot or 0)
                 for i, out in zip(part, self._batched([calls[i] for i in part])):
                     results[i] = out
         return results  # type: ignore[return-value]

@@ -46,6 +46,17 @@ def test_rows_write_their_real_tokens_at_their_positions(scatter: bool) -> None:
     assert batch.key_mask.tolist()[1] == [True] * 4 + [False] * 5
 
 
+def test_rows_of_one_token_each_write_it_at_their_positions() -> None:
+    store = _store()
+    batch = SlotBatch(store, [2, 0, 3], [7, 4, 0], [1, 1, 1], [8, 5, 1])
+    k = torch.arange(3 * 2 * 1 * 3, dtype=torch.float32).view(3, 2, 1, 3) + 1
+    batch.write(0, k, -k)
+    for row, (slot, at) in enumerate([(2, 7), (0, 4), (3, 0)]):
+        assert torch.equal(store.keys[0][slot, :, at], k[row, :, 0])
+        assert torch.equal(store.values[0][slot, :, at], -k[row, :, 0])
+    assert store.keys[0].abs().sum() == k.abs().sum()  # nothing else was touched
+
+
 def test_consecutive_slots_read_a_view_and_no_mask_when_all_see_all() -> None:
     store = _store()
     batch = SlotBatch(
@@ -65,4 +76,5 @@ def test_a_slot_can_be_taken_only_once() -> None:
     taken = {store.take() for _ in range(4)}
     assert taken == {0, 1, 2, 3} and store.take() is None
     store.give(2)
-    assert store.take() == 2
+    store.give(0)
+    assert store.take() == 0 and store.take() == 2  # the lowest free first

@@ -15,6 +15,7 @@ device.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,9 @@ class SlotStore:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.slots = slots
         self.length = length
-        self.free = list(range(slots - 1, -1, -1))
+        # The lowest free slot goes first, so the slots in use stay packed at the front and a
+        # call over them, in slot order, reads a view of the store more often than a copy.
+        self.free = list(range(slots))
 
     @property
     def device(self) -> torch.device:
@@ -57,10 +60,10 @@ class SlotStore:
 
     def take(self) -> int | None:
         """A free slot, or None when all are in use."""
-        return self.free.pop() if self.free else None
+        return heapq.heappop(self.free) if self.free else None
 
     def give(self, slot: int) -> None:
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
 
 
 @dataclass
@@ -84,8 +87,10 @@ class SlotBatch:
     def __post_init__(self) -> None:
         device = self.store.device
         rows = len(self.slots)
+        # One token a row (autoregressive decoding): one indexed write on any device.
+        self._single = rows > 1 and min(self.lengths) == max(self.lengths) == 1
         if self.scatter is None:
-            self.scatter = rows > 1 and device.type != "cpu"
+            self.scatter = rows > 1 and device.type != "cpu" and not self._single
         # Built on the host, copied over once.
         start, lengths = torch.tensor(self.start), torch.tensor(self.lengths)
         self.start_ids = start.to(device)  # [B]: the first new token's slot position
@@ -116,6 +121,10 @@ class SlotBatch:
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
         ks, vs = self.store.keys[layer], self.store.values[layer]
+        if self._single:
+            ks[self._index, :, self.start_ids] = k[:, :, 0]
+            vs[self._index, :, self.start_ids] = v[:, :, 0]
+            return
         if not self.scatter:
             for row, (slot, start, n) in enumerate(zip(self.slots, self.start, self.lengths)):
                 ks[slot, :, start : start + n] = k[row, :, :n]
