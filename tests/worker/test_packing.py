@@ -31,7 +31,7 @@ def test_a_packed_matmul_gives_each_layer_its_own_bits(rows: int, dtype: torch.d
     layer = Packed(128, widths, bias=True).to(dtype)
     x = torch.randn(2, rows, 128, generator=gen).to(dtype)
     with torch.no_grad():
-        out = layer(x).split(layer.widths, dim=-1)
+        out = layer(x).split([w for _, w in layer.parts], dim=-1)
         offset = 0
         for got, (_, width) in zip(out, widths, strict=True):
             w = layer.weight[offset : offset + width].contiguous()

@@ -29,10 +29,6 @@ class Packed(nn.Linear):
         super().__init__(in_features, sum(width for _, width in parts), bias=bias)
         self.parts = tuple(parts)
 
-    @property
-    def widths(self) -> list[int]:
-        return [width for _, width in self.parts]
-
 
 @dataclass(frozen=True)
 class Part:
