@@ -39,10 +39,10 @@ SHAPE_BUCKET = 32  # with shape_buckets, padded plain passes are a multiple of t
 # Passes at most this wide share a call whatever their widths: they cost a call's fixed
 # overheads far more than their tokens.
 NARROW = 64
-# The fewest positions a call reads logits at: below four query rows the CPU's matrix
-# kernels sum in another order, and the last bits of attention would differ from a pass
-# that reads more.
-MIN_QUERIES = 4
+# The fewest positions a call reads logits at: with fewer rows MKL's matrix kernels sum in
+# another order (on an AVX-512/AMX Xeon, below 16 rows for a 384-wide input, below 5 for a
+# 128-wide one), and the last layer's bits would differ from a pass that reads them all.
+MIN_QUERIES = 16
 
 
 class CacheMemoryError(RuntimeError):

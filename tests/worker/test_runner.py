@@ -40,7 +40,7 @@ def test_passes_of_close_widths_share_a_call_and_far_ones_do_not(llada: LoadedMo
 def test_passes_reading_spans_of_different_widths_share_a_call_and_get_their_own(
     llada: LoadedModel,
 ) -> None:
-    """Each row reads as many positions as the widest span (at least four); a pass gets back
+    """Each row reads as many positions as the widest span (at least MIN_QUERIES); a pass gets back
     its own span's logits, equal to what it gets alone, also for two positions at its end."""
     gen = torch.Generator().manual_seed(3)
 
