@@ -240,7 +240,7 @@ class Runner:
             position_ids=torch.cat(pos).to(device),
             key_mask=key_mask,
             cache=cache,
-            heads=torch.cat(heads).to(device),
+            heads=torch.cat(heads),  # the model moves it; a host copy is free to read
             **extra,
         )
         self._count(rows_in + filler)

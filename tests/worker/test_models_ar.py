@@ -114,6 +114,31 @@ def test_attention_reads_the_slots_in_place(
         assert slot[0, :, len(ids)].abs().sum() > 0  # the new key, written in place
 
 
+def test_the_vocabulary_head_runs_from_the_first_position_read(
+    ar: LoadedModel, greedy_cases: list[dict[str, Any]]
+) -> None:
+    """A prompt's pass reads one position: the head projects that one, not prompt x
+    vocabulary, and its logits are those of the whole pass there (to the last bits: a
+    one-row product sums in another order)."""
+    model, ids = _model(ar), greedy_cases[0]["prompt_ids"]
+    widths: list[int] = []
+    hook = model.hf.lm_head.register_forward_hook(
+        lambda _m, args, _out: widths.append(int(args[0].shape[1]))
+    )
+    P = len(ids)
+    try:
+        with torch.no_grad():
+            full = model(torch.tensor([ids])).logits
+            last = model(torch.tensor([ids]), heads=torch.tensor([[P - 1]])).logits
+            cache = slots_for(model, [(0, 0, P, P)])
+            window = model(torch.tensor([ids]), cache=cache, heads=torch.tensor([[P - 3, P - 1]]))
+    finally:
+        hook.remove()
+    assert widths == [P, 1, 3]
+    assert (last[0, 0] - full[0, P - 1]).abs().max().item() <= TOL
+    assert (window.logits[0] - full[0, [P - 3, P - 1]]).abs().max().item() <= TOL
+
+
 def test_left_padded_batch_matches_unpadded(
     ar: LoadedModel, greedy_cases: list[dict[str, Any]]
 ) -> None:

@@ -59,6 +59,9 @@ class CausalLM(nn.Module):
         # remote-code models may still use the old name.
         params = inspect.signature(hf.forward).parameters
         self._cache_name = "cache" if "cache" in params else "past_key_values"
+        # Where the model can, it computes logits from the first position read on only: a
+        # prompt's pass reads one, and prompt x vocabulary logits would not fit a real model.
+        self._keeps_logits = "logits_to_keep" in params
 
     def kv_shape(self) -> KVShape:
         cfg: Any = self.hf.config
@@ -80,9 +83,7 @@ class CausalLM(nn.Module):
     ) -> ModelOutput:
         length = input_ids.shape[1]
         if cache is None:
-            return ModelOutput(
-                logits=_picked(self._run(input_ids, None, key_mask, position_ids), heads)
-            )
+            return ModelOutput(logits=self._run(input_ids, None, key_mask, position_ids, heads))
         if key_mask is not None:
             raise ValueError("a cached pass takes its key mask from the cache")
         if position_ids is None:
@@ -96,7 +97,7 @@ class CausalLM(nn.Module):
         else:
             return self._rows_alone(input_ids, position_ids, cache, heads)
         kv = Cache(layers=[SlotLayer(cache, i) for i in range(self.kv_shape().layers)])
-        return ModelOutput(logits=_picked(self._run(input_ids, kv, mask, position_ids), heads))
+        return ModelOutput(logits=self._run(input_ids, kv, mask, position_ids, heads))
 
     def _flash(self) -> bool:
         return str(getattr(self.hf.config, "_attn_implementation", "")).startswith("flash")
@@ -107,14 +108,22 @@ class CausalLM(nn.Module):
         """One call per row: transformers' FlashAttention path reads where a row's new tokens
         sit from the end of a 2D mask, so rows of several new tokens ending at different
         positions cannot share a call there."""
-        length, rows = input_ids.shape[1], []
+        rows = []
         for row, (slot, start, n) in enumerate(zip(cache.slots, cache.start, cache.lengths)):
             one = SlotBatch(cache.store, [slot], [start], [n], [start + n])
-            logits = self.forward(
-                input_ids[row : row + 1, :n], position_ids[row : row + 1, :n], cache=one
-            ).logits
-            rows.append(torch.nn.functional.pad(logits, (0, 0, 0, length - n)))
-        return ModelOutput(logits=_picked(torch.cat(rows), heads))
+            # Positions past the row's own tokens are padding, their logits never read.
+            picks = None if heads is None else heads[row : row + 1].clamp(max=n - 1)
+            out = self.forward(
+                input_ids[row : row + 1, :n],
+                position_ids[row : row + 1, :n],
+                cache=one,
+                heads=picks,
+            )
+            rows.append(out.logits)
+        if heads is None:
+            width = input_ids.shape[1]
+            rows = [torch.nn.functional.pad(r, (0, 0, 0, width - r.shape[1])) for r in rows]
+        return ModelOutput(logits=torch.cat(rows))
 
     def _run(
         self,
@@ -122,16 +131,26 @@ class CausalLM(nn.Module):
         cache: Cache | None,
         mask: Tensor | None,
         position_ids: Tensor | None,
+        heads: Tensor | None,
     ) -> Tensor:
+        """The logits at ``heads`` ([B, W] positions of each row; all of them without)."""
+        first, extra = 0, {}
+        if heads is not None and self._keeps_logits:
+            first = int(heads.min())  # the runner's heads are a host tensor: no device wait
+            extra["logits_to_keep"] = input_ids.shape[1] - first
         out = self.hf(
             input_ids=input_ids,
             attention_mask=mask.long() if mask is not None and mask.ndim == 2 else mask,
             position_ids=position_ids,
             use_cache=cache is not None,
             **{self._cache_name: cache},
+            **extra,
         )
         logits: Tensor = out.logits
-        return logits
+        if heads is None:
+            return logits
+        at = (heads - first).to(logits.device)
+        return logits.gather(1, at[:, :, None].expand(-1, -1, logits.shape[-1]))
 
 
 def _causal_mask(cache: SlotBatch, length: int) -> Tensor:
@@ -149,10 +168,3 @@ def _causal_mask(cache: SlotBatch, length: int) -> Tensor:
 def _aligned(cache: SlotBatch, length: int) -> bool:
     """Every row writes ``length`` new tokens that end at the call's last key."""
     return all(n == length and s + n == cache.span for s, n in zip(cache.start, cache.lengths))
-
-
-def _picked(logits: Tensor, heads: Tensor | None) -> Tensor:
-    """The logits at ``heads`` ([B, W] positions of each row; all of them without)."""
-    if heads is None:
-        return logits
-    return logits.gather(1, heads[:, :, None].expand(-1, -1, logits.shape[-1]))

@@ -5,8 +5,9 @@ hides padding); with a :class:`~vdiff_worker.models.kvcache.SlotBatch` each row 
 keys into its slot and attends to the slot (prefix, dual and windowed caches alike). Cached
 keys are stored after RoPE, so reusing them never needs their positions again. ``heads``
 ([B, W], positions within each row; indices, since a boolean mask would make the device
-report how many it selects) picks the positions whose logits are wanted: a sampler reads a
-block, not the whole canvas times the vocabulary.
+report how many it selects; on the host or the device, the model moves it) picks the
+positions whose logits are wanted: a sampler reads a block, not the whole canvas times the
+vocabulary.
 
 ``limits`` gives each query its own key count: query (b, i) attends to keys [0, limits[b, i])
 (input positions without a cache, slot positions with one). That is how block-causal models
@@ -112,8 +113,10 @@ class BidirectionalLM(nn.Module, abc.ABC):
             # A row with every key masked (pure padding) would softmax to NaN; let it see
             # everything instead: its output is never read.
             key_mask = (key_mask | ~key_mask.any(dim=-1, keepdim=True))[:, None, None, :]
-        if heads is not None and (heads.dim() != 2 or heads.shape[0] != batch):
-            raise ValueError(f"heads has shape {tuple(heads.shape)}, want ({batch}, W)")
+        if heads is not None:
+            if heads.dim() != 2 or heads.shape[0] != batch:
+                raise ValueError(f"heads has shape {tuple(heads.shape)}, want ({batch}, W)")
+            heads = heads.to(input_ids.device)
         h = self.embed(input_ids)
         rope = self.rotary.tables(position_ids, h.dtype)
         layers = self.layers()
