@@ -331,8 +331,7 @@ def trace(
         while not seq.done:
             f = seq.pending
             assert isinstance(f, Forward)
-            lo, hi = f.span
-            passes.append((f.model, int(f.input_ids.shape[1]), int(f.input_ids.shape[0]), hi - lo))
+            passes.append((f.model, int(f.input_ids.shape[1]), int(f.input_ids.shape[0]), f.reads))
             seq.advance(runner.run([Call(f, slots.get(f.model))])[0])
             while isinstance(seq.pending, Fetch):
                 seq.advance(runner.fetch([seq.pending])[0])

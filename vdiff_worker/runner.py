@@ -205,10 +205,8 @@ class Runner:
         causal = any(c.forward.block for c in calls)
         # Every row reads the same number of positions, at least MIN_QUERIES (those below
         # its span are its own tokens too, read and dropped).
-        window = min(
-            width, max(MIN_QUERIES, *(c.forward.span[1] - c.forward.span[0] for c in calls))
-        )
-        starts = []
+        window = min(width, max(MIN_QUERIES, *(c.forward.reads for c in calls)))
+        cols = []  # per call, the columns of its logits among the window's
         for c in calls:
             f = c.forward
             rows, length = f.input_ids.shape
@@ -217,9 +215,14 @@ class Runner:
             pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
             if causal:
                 limits.append(_limits(f, pos[-1]))
-            start = min(f.span[0], width - window)
-            starts.append(start)
-            heads.append(torch.arange(start, start + window).expand(rows, window))
+            if f.picks is not None:  # the picks, then the last one again up to the window
+                order = torch.arange(window).clamp(max=f.picks.numel() - 1)
+                heads.append(f.picks[order].expand(rows, window))
+                cols.append((0, f.reads))
+            else:
+                start = min(f.span[0], width - window)
+                heads.append(torch.arange(start, start + window).expand(rows, window))
+                cols.append((f.span[0] - start, f.span[1] - start))
             lengths += [int(length)] * rows
         if filler:  # rows of padding only; their outputs are dropped
             ids.append(first.input_ids.new_zeros(filler, width))
@@ -245,10 +248,9 @@ class Runner:
         )
         self._count(rows_in + filler)
         results, at = [], 0
-        for c, start in zip(calls, starts, strict=True):
+        for c, (lo, hi) in zip(calls, cols, strict=True):
             rows = int(c.forward.input_ids.shape[0])
-            lo, hi = c.forward.span
-            logits = out.logits[at : at + rows, lo - start : hi - start]
+            logits = out.logits[at : at + rows, lo:hi]
             results.append(ModelOutput(logits=logits))
             at += rows
         return results

@@ -9,9 +9,18 @@ import torch
 
 from tests.worker.drive import drive
 from vdiff_worker.decoding import strategy_for
-from vdiff_worker.decoding.base import Context, ParamError, Settings, gumbel_argmax
+from vdiff_worker.decoding.base import (
+    Among,
+    Context,
+    ParamError,
+    Settings,
+    draw,
+    gumbel_argmax,
+)
 from vdiff_worker.decoding.fastdllm import factor_rule, threshold_rule
 from vdiff_worker.models import LoadedModel, load_model
+from vdiff_worker.models.base import ModelOutput
+from vdiff_worker.runner import Call, Runner
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 INF = float("inf")
@@ -88,3 +97,43 @@ def test_top_k_filters_before_the_gumbel_noise() -> None:
         for s in range(40)
     }
     assert nucleus == {1}
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_passes_read_logits_at_the_masks_of_their_span_only(
+    llada: LoadedModel, cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompt = torch.tensor(llada.tokenizer.encode("What is 24 + 1?"))
+    s = settings(threshold=0.9, cache=cache, temperature=0.7)
+    ctx = Context(prompt=prompt, settings=s, mask_id=482, generator=torch.Generator())
+    seen: list[tuple[list[int], list[int]]] = []
+    run = Runner.run
+
+    def spy(self: Runner, calls: list[Call]) -> list[ModelOutput]:
+        for c in calls:
+            f = c.forward
+            lo, hi = f.span
+            masked = lo + (f.input_ids[0, lo:hi] == 482).nonzero()[:, 0]
+            assert f.picks is not None
+            seen.append((f.picks.tolist(), masked.tolist()))
+        return run(self, calls)
+
+    monkeypatch.setattr(Runner, "run", spy)
+    drive(strategy_for("llada", "threshold")(ctx), {"main": llada.model})
+    assert bool((ctx.canvas != 482).all()) and len(seen) >= 4
+    for picks, masked in seen:
+        assert picks == masked and picks
+
+
+def test_noise_for_some_rows_is_that_of_the_whole_span() -> None:
+    """A pass that read only some positions draws the same noise for them as one that read
+    all: the same tokens at temperature > 0, whichever positions a pass reads."""
+    logits = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([1, 4, 5])
+    every = gumbel_argmax(logits, 0.8, torch.Generator().manual_seed(7))
+    some = gumbel_argmax(logits[rows], 0.8, torch.Generator().manual_seed(7), among=Among(rows, 8))
+    assert torch.equal(some, every[rows])
+    assert torch.equal(
+        draw(Among(rows, 8), torch.Size([3]), torch.Generator().manual_seed(2), torch.float64),
+        torch.rand(8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)[rows],
+    )

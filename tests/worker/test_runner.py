@@ -61,6 +61,21 @@ def test_passes_reading_spans_of_different_widths_share_a_call_and_get_their_own
         assert (t.logits - a).abs().max().item() <= 1e-4
 
 
+def test_a_pass_picking_positions_gets_theirs_in_order(llada: LoadedModel) -> None:
+    """``picks`` returns the logits of those positions, in the order given, beside a pass
+    reading a span in the same call."""
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 480, (40,), generator=gen)
+    spanned = full_sequence(ids[:8], ids[8:], (8, 40))
+    picked = full_sequence(ids[:8], ids[8:], (8, 40), picks=torch.tensor([30, 9, 21]))
+    run = runner({"main": llada.model})
+    with torch.no_grad():
+        wide, narrow = run.run([Call(spanned), Call(picked)])
+    assert run.calls == 1
+    assert narrow.logits.shape == (1, 3, wide.logits.shape[-1])
+    assert (narrow.logits[0] - wide.logits[0, [22, 1, 13]]).abs().max().item() <= 1e-5
+
+
 def test_cached_and_plain_passes_are_separate_calls(llada: LoadedModel) -> None:
     run = runner({"main": llada.model})
     slots = run.acquire(frozenset({"main"}))

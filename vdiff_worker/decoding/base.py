@@ -54,7 +54,10 @@ class Forward:
     """One model call: `rows` sequences of equal length (several rows, e.g. for CFG).
 
     ``logits`` is the span [lo, hi) of input positions whose logits the strategy reads
-    (None: all of them); the output's logits cover that span only."""
+    (None: all of them); the output's logits cover that span only. ``picks`` narrows it to
+    the positions the rule reads (a host tensor of input positions, a block's masks, say):
+    the output's logits are then theirs, in that order, and the model's last layer runs on
+    those positions only."""
 
     input_ids: Tensor  # [R, L]
     position_ids: Tensor  # [R, L]
@@ -70,10 +73,17 @@ class Forward:
     # global generator, which is seeded with ``seed`` first.
     new_tokens: int = 0
     seed: int = 0
+    picks: Tensor | None = None
 
     @property
     def span(self) -> tuple[int, int]:
         return self.logits if self.logits is not None else (0, int(self.input_ids.shape[1]))
+
+    @property
+    def reads(self) -> int:
+        """How many positions' logits the pass returns."""
+        lo, hi = self.span
+        return hi - lo if self.picks is None else int(self.picks.numel())
 
 
 @dataclass
@@ -213,15 +223,21 @@ def full_sequence(
     canvas: Tensor,
     logits: tuple[int, int] | None = None,
     cached: Cached | None = None,
+    picks: Tensor | None = None,
 ) -> Forward:
     """A pass over prompt + canvas, positions from 0."""
     ids = torch.cat([prompt, canvas]).unsqueeze(0)
     pos = torch.arange(ids.shape[1]).unsqueeze(0)
-    return Forward(input_ids=ids, position_ids=pos, logits=logits, cached=cached)
+    return Forward(input_ids=ids, position_ids=pos, logits=logits, cached=cached, picks=picks)
 
 
 def cached_span(
-    prompt: Tensor, canvas: Tensor, start: int, stop: int, logits: tuple[int, int]
+    prompt: Tensor,
+    canvas: Tensor,
+    start: int,
+    stop: int,
+    logits: tuple[int, int],
+    picks: Tensor | None = None,
 ) -> Forward:
     """A cached pass over canvas[start:stop] (at its positions after the prompt): it rewrites
     that span in its sequence's slot and attends to the whole prompt + canvas there."""
@@ -233,6 +249,7 @@ def cached_span(
         position_ids=pos,
         logits=logits,
         cached=Cached(write=P + start, keys=P + canvas.numel()),
+        picks=picks,
     )
 
 
@@ -260,6 +277,7 @@ def gumbel_argmax(
     gen: torch.Generator,
     top_p: float = 1.0,
     top_k: int | None = None,
+    among: Among | None = None,
 ) -> Tensor:
     """The noisy argmax of LLaDA, Fast-dLLM and APD: exp(l) / (-log u)^T in float64, over
     the logits that top_p / top_k leave.
@@ -268,8 +286,29 @@ def gumbel_argmax(
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     l64 = top_filtered(logits, top_p, top_k).to(torch.float64)
-    u = torch.rand(l64.shape, generator=gen, dtype=torch.float64, device=l64.device)
+    u = draw(among, l64.shape, gen, torch.float64)
     return (l64.exp() / (-torch.log(u)) ** temperature).argmax(dim=-1)
+
+
+@dataclass(frozen=True)
+class Among:
+    """Rows ``rows`` (positions on the logits' device) of a span of ``of`` positions: what a
+    strategy whose pass read only some positions (``Forward.picks``) draws its noise for."""
+
+    rows: Tensor
+    of: int
+
+
+def draw(
+    among: Among | None, shape: torch.Size, gen: torch.Generator, dtype: torch.dtype
+) -> Tensor:
+    """Uniform noise of ``shape``; with ``among``, drawn for the whole span and these rows
+    taken, so the draws are those of a pass that read every position of the span."""
+    device = gen.device
+    if among is None:
+        return torch.rand(shape, generator=gen, dtype=dtype, device=device)
+    full = torch.rand((among.of, *shape[1:]), generator=gen, dtype=dtype, device=device)
+    return full.index_select(0, among.rows)
 
 
 def blocks(gen_length: int, block_length: int) -> list[tuple[int, int]]:

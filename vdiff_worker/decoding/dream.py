@@ -114,10 +114,12 @@ class DreamReference(Strategy):
             n = int(n_masked) if last else int(n_masked * (1 - s_next / t))
             if s.alg != "origin" and n == 0:
                 continue  # the reference spends a pass here that commits nothing
+            # The predictions of the masked positions only (Dream's are shifted by one).
+            picks = P - 1 + masked.nonzero()[:, 0]
             out = yield from call(
-                full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + s.gen_length))
+                full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + s.gen_length), picks=picks)
             )
-            logits = out.logits[0].index_select(0, on_device(masked.nonzero()[:, 0], ctx))
+            logits = out.logits[0]
             if s.alg == "origin":
                 yield from self._origin(logits, masked, 1.0 if last else float(1 - s_next / t))
             else:

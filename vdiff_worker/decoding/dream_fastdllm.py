@@ -43,7 +43,6 @@ from vdiff_worker.decoding.base import (
     check_filters,
     fetch,
     full_sequence,
-    on_device,
     transfer_schedule,
 )
 from vdiff_worker.decoding.dream import sample_tokens
@@ -91,18 +90,20 @@ class DreamThreshold(Strategy):
         # step; the even split with the remainder first is the same there and total otherwise.
         schedule = transfer_schedule(N, max(1, s.steps))
         carried, step = 0, 0
-        while self._masked(0, N):
+        while (masks := self._masks(0, N)).numel():
             target = (schedule[step] if step < len(schedule) else 0) + carried
             step += 1
             if target == 0:
                 continue  # the reference's pass here commits nothing
-            out = yield from call(full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + N)))
+            out = yield from call(
+                full_sequence(ctx.prompt, ctx.canvas, (P - 1, P - 1 + N), picks=P - 1 + masks)
+            )
             # Ranked over prompt + canvas as the reference lays it out, so that ties break
             # alike; the prompt never competes. Until the last step, target never exceeds the
             # masks left (the shortfall is what the schedule still owes), and after it, target
             # is all of them, so no -inf position is ever taken.
             committed = yield from self._commit(
-                out.logits[0], 0, N, target, origin=-P, length=P + N
+                out.logits[0], 0, N, masks, target, origin=-P, length=P + N
             )
             carried = target - committed
 
@@ -110,7 +111,7 @@ class DreamThreshold(Strategy):
         ctx, s = self.ctx, self.ctx.settings
         P, N = ctx.prompt.numel(), s.gen_length
         for start, end in blocks(N, s.block_length):
-            if not self._masked(start, end):
+            if not self._masks(start, end).numel():
                 continue
             # The full pass refreshes the slot and commits the block's first position
             # unconditionally, from the prediction at input P + start - 1.
@@ -124,12 +125,14 @@ class DreamThreshold(Strategy):
             )
             ctx.canvas[start] = x0[0]
             stop = end if s.cache == "dual" else N
-            while self._masked(start, end):
+            while (masks := self._masks(start + 1, end)).numel():
                 # The block's first position is committed, so the cached pass's own shift
                 # quirk (its position 0 reading output 0) never matters: position g of the
                 # block reads output g - start - 1 of this pass.
                 out = yield from call(
-                    cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start - 1))
+                    cached_span(
+                        ctx.prompt, ctx.canvas, start, stop, (0, end - start - 1), picks=masks
+                    )
                 )
                 # Ranked over the pass's span (the block and, with prefix, all after it, -inf
                 # outside the block), as the reference lays it out.
@@ -137,31 +140,38 @@ class DreamThreshold(Strategy):
                     out.logits[0],
                     start + 1,
                     end,
-                    int((ctx.canvas[start:end] == ctx.mask_id).sum()),
+                    masks,
+                    int(masks.numel()),
                     origin=start,
                     length=stop - start,
                 )
 
-    def _masked(self, start: int, end: int) -> bool:
-        return bool((self.ctx.canvas[start:end] == self.ctx.mask_id).any())
+    def _masks(self, start: int, end: int) -> Tensor:
+        """The masked positions of canvas [start, end), from ``start``."""
+        return (self.ctx.canvas[start:end] == self.ctx.mask_id).nonzero()[:, 0]
 
     def _commit(
-        self, logits: Tensor, start: int, end: int, target: int, origin: int, length: int
+        self,
+        logits: Tensor,
+        start: int,
+        end: int,
+        masks: Tensor,
+        target: int,
+        origin: int,
+        length: int,
     ) -> Generator[Step, Any, int]:
-        """Among the masks of canvas [start, end), whose predictions `logits` holds, take the
-        `target` most confident; commit the first and those of the rest at or above the
-        threshold. Returns how many were committed.
+        """Among the masks of canvas [start, end) (``masks``, whose predictions ``logits``
+        holds, in order), take the ``target`` most confident; commit the first and those of
+        the rest at or above the threshold. Returns how many were committed.
 
         The ranking vector has `length` slots from canvas position `origin`, -inf except at
         the masks, in the dtype of the confidences."""
         ctx, s = self.ctx, self.ctx.settings
         assert s.threshold is not None  # check() refuses a missing one
         span = ctx.canvas[start:end]
-        masked = span == ctx.mask_id
-        rows = logits.index_select(0, on_device(masked.nonzero()[:, 0], ctx))
-        conf, x0 = yield from fetch(*sample_tokens(rows, s, ctx.generator, top_k=s.top_k))
+        conf, x0 = yield from fetch(*sample_tokens(logits, s, ctx.generator, top_k=s.top_k))
         ranked = conf.new_full((length,), -torch.inf)
-        ranked[start - origin : end - origin][masked] = conf
+        ranked[start - origin + masks] = conf
         values, order = torch.topk(ranked, target)
         # A tensor-scalar comparison in the confidences' dtype: the threshold rounds to it.
         keep = values >= s.threshold
@@ -170,6 +180,6 @@ class DreamThreshold(Strategy):
             keep[s.max_parallel :] = False
         chosen = order[keep] + origin - start
         tokens = torch.full_like(span, ctx.mask_id)
-        tokens[masked] = x0
+        tokens[masks] = x0
         span[chosen] = tokens[chosen]
         return int(keep.sum())

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from vdiff_common.protocol import Cache
 from vdiff_worker.decoding.base import (
+    Among,
     Cached,
     ParamError,
     Settings,
@@ -37,9 +38,11 @@ from vdiff_worker.decoding.base import (
     cached_span,
     call,
     check_filters,
+    draw,
     fetch,
     full_sequence,
     gumbel_argmax,
+    on_device,
     steps_per_block,
     transfer_schedule,
 )
@@ -51,13 +54,16 @@ CACHES: tuple[Cache, ...] = get_args(Cache)
 Rule = Callable[[Tensor, int], Tensor]
 
 
-def candidates(logits: Tensor, s: Settings, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Fast-dLLM's candidate token per position and its confidence, where the logits are."""
-    x0 = gumbel_argmax(logits, s.temperature, gen, s.top_p, s.top_k)
+def candidates(
+    logits: Tensor, s: Settings, gen: torch.Generator, among: Among | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fast-dLLM's candidate token per position and its confidence, where the logits are;
+    with ``among``, the logits are those rows of the block and the noise is the block's."""
+    x0 = gumbel_argmax(logits, s.temperature, gen, s.top_p, s.top_k, among)
     if s.remasking == "low_confidence":
         probs = torch.softmax(logits.to(torch.float64), dim=-1)
         return x0, torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
-    return x0, torch.rand(x0.shape, generator=gen, device=x0.device, dtype=torch.float64)
+    return x0, draw(among, x0.shape, gen, torch.float64)
 
 
 def fixed_rule(schedule: list[int]) -> Rule:
@@ -142,48 +148,61 @@ class BlockDecoder(Strategy, abc.ABC):
             # The reference ranks over prompt + canvas there; a prompt never competes.
             cached = None if s.cache == "none" else Cached(write=0, keys=P + N)
             step = 0
-            while self._masked(start, end) and (step == 0 or s.cache == "none"):
+            while (masks := self._masks(start, end)).numel() and (step == 0 or s.cache == "none"):
                 out = yield from call(
-                    full_sequence(ctx.prompt, ctx.canvas, (P + start, P + end), cached)
+                    full_sequence(
+                        ctx.prompt, ctx.canvas, (P + start, P + end), cached, P + start + masks
+                    )
                 )
                 yield from self._commit(
-                    out.logits[0], start, end, rule, step, origin=-P, length=P + N
+                    out.logits[0], start, end, masks, rule, step, origin=-P, length=P + N
                 )
                 step += 1
             # Cached passes rewrite the block (dual) or the block and all after it (prefix)
             # in the slot, and attend to the whole of it.
             stop = end if s.cache == "dual" else N
-            while self._masked(start, end):
+            while (masks := self._masks(start, end)).numel():
                 out = yield from call(
-                    cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start))
+                    cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start), masks)
                 )
                 yield from self._commit(
-                    out.logits[0], start, end, rule, step, origin=start, length=stop - start
+                    out.logits[0], start, end, masks, rule, step, origin=start, length=stop - start
                 )
                 step += 1
 
-    def _masked(self, start: int, end: int) -> bool:
-        return bool((self.ctx.canvas[start:end] == self.ctx.mask_id).any())
+    def _masks(self, start: int, end: int) -> Tensor:
+        """The masked positions of the block [start, end), from its start."""
+        return (self.ctx.canvas[start:end] == self.ctx.mask_id).nonzero()[:, 0]
 
     def _commit(
-        self, logits: Tensor, start: int, end: int, rule: Rule, step: int, origin: int, length: int
+        self,
+        logits: Tensor,
+        start: int,
+        end: int,
+        masks: Tensor,
+        rule: Rule,
+        step: int,
+        origin: int,
+        length: int,
     ) -> Steps:
-        """Commit the rule's choice among the masks of the block [start, end), whose
-        positions `logits` cover. The rule ranks a vector as the reference lays it out
-        (`length` slots from canvas position `origin`; -inf where not eligible), so that
-        ties break alike."""
+        """Commit the rule's choice among the masks of the block [start, end) (``masks``,
+        whose predictions ``logits`` holds, in order). The rule ranks a vector as the
+        reference lays it out (``length`` slots from canvas position ``origin``; -inf where
+        not eligible), so that ties break alike; the noise is drawn for the whole block, as
+        the reference does."""
         ctx = self.ctx
         span = ctx.canvas[start:end]
-        eligible = span == ctx.mask_id
-        x0, conf = yield from fetch(*candidates(logits, ctx.settings, ctx.generator))
-        x0 = torch.where(eligible, x0, span)
+        among = Among(on_device(masks, ctx), end - start)
+        x0, conf = yield from fetch(*candidates(logits, ctx.settings, ctx.generator, among))
         ranked = conf.new_full((length,), -torch.inf)
-        ranked[start - origin : end - origin] = torch.where(eligible, conf, -torch.inf)
+        ranked[start - origin + masks] = conf
         chosen = rule(ranked, step) + origin - start
         cap = self.cap()
         if cap is not None:
             chosen = chosen[:cap]
-        span[chosen] = x0[chosen]
+        tokens = span.clone()
+        tokens[masks] = x0
+        span[chosen] = tokens[chosen]
 
 
 class Threshold(BlockDecoder):

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from vdiff_worker.decoding import fastdllm
 from vdiff_worker.decoding.base import (
+    Among,
     Forward,
     ParamError,
     Settings,
@@ -19,8 +20,10 @@ from vdiff_worker.decoding.base import (
     blocks,
     call,
     check_filters,
+    draw,
     fetch,
     gumbel_argmax,
+    on_device,
     steps_per_block,
     transfer_schedule,
 )
@@ -35,7 +38,12 @@ def guided(fwd_logits: Tensor, cfg_scale: float) -> Tensor:
 
 
 def model_call(
-    prompt: Tensor, canvas: Tensor, mask_id: int, cfg_scale: float, logits: tuple[int, int]
+    prompt: Tensor,
+    canvas: Tensor,
+    mask_id: int,
+    cfg_scale: float,
+    logits: tuple[int, int],
+    picks: Tensor | None = None,
 ) -> Forward:
     """A pass over prompt + canvas; with CFG a second row has the prompt masked."""
     x = torch.cat([prompt, canvas]).unsqueeze(0)
@@ -44,7 +52,7 @@ def model_call(
         uncond[0, : prompt.numel()] = mask_id
         x = torch.cat([x, uncond])
     pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
-    return Forward(input_ids=x, position_ids=pos, logits=logits)
+    return Forward(input_ids=x, position_ids=pos, logits=logits, picks=picks)
 
 
 class LLaDAReference(Strategy):
@@ -80,22 +88,32 @@ class LLaDAReference(Strategy):
             for k in transfer_schedule(n_masked, per_block):
                 if k == 0:
                     continue  # the reference spends a pass that changes nothing here
+                block = ctx.canvas[start:end]
+                # Logits at the block's masks only; the noise is drawn for the whole block.
+                masks = (block == ctx.mask_id).nonzero()[:, 0]
+                among = Among(on_device(masks, ctx), end - start)
                 out = yield from call(
                     model_call(
-                        ctx.prompt, ctx.canvas, ctx.mask_id, s.cfg_scale, (P + start, P + end)
+                        ctx.prompt,
+                        ctx.canvas,
+                        ctx.mask_id,
+                        s.cfg_scale,
+                        (P + start, P + end),
+                        P + start + masks,
                     )
                 )
                 logits = guided(out.logits, s.cfg_scale)
-                x0 = gumbel_argmax(logits, s.temperature, ctx.generator, s.top_p, s.top_k)
+                x0 = gumbel_argmax(logits, s.temperature, ctx.generator, s.top_p, s.top_k, among)
                 if s.remasking == "low_confidence":
                     probs = torch.softmax(logits, dim=-1)
                     conf = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
                 else:
-                    conf = torch.rand(x0.shape, generator=ctx.generator, device=x0.device)
+                    conf = draw(among, x0.shape, ctx.generator, torch.float32)
                 x0, conf = yield from fetch(x0, conf)
-                block = ctx.canvas[start:end]
                 # Rank over prompt + canvas, as the reference does, so ties break alike.
                 full = conf.new_full((P + s.gen_length,), -torch.inf)
-                full[P + start : P + end] = torch.where(block == ctx.mask_id, conf, -torch.inf)
+                full[P + start + masks] = conf
                 chosen = torch.topk(full, k).indices - P - start
-                block[chosen] = x0[chosen]
+                tokens = block.clone()
+                tokens[masks] = x0
+                block[chosen] = tokens[chosen]
