@@ -132,9 +132,11 @@ def test_the_vocabulary_head_runs_from_the_first_position_read(
             last = model(torch.tensor([ids]), heads=torch.tensor([[P - 1]])).logits
             cache = slots_for(model, [(0, 0, P, P)])
             window = model(torch.tensor([ids]), cache=cache, heads=torch.tensor([[P - 3, P - 1]]))
+            none = model(torch.tensor([ids]), heads=torch.zeros(1, 0, dtype=torch.long)).logits
     finally:
         hook.remove()
-    assert widths == [P, 1, 3]
+    assert widths[:3] == [P, 1, 3]
+    assert none.shape == (1, 0, full.shape[-1])  # a pass that reads no logits
     assert (last[0, 0] - full[0, P - 1]).abs().max().item() <= TOL
     assert (window.logits[0] - full[0, [P - 3, P - 1]]).abs().max().item() <= TOL
 

@@ -135,7 +135,7 @@ class CausalLM(nn.Module):
     ) -> Tensor:
         """The logits at ``heads`` ([B, W] positions of each row; all of them without)."""
         first, extra = 0, {}
-        if heads is not None and self._keeps_logits:
+        if heads is not None and heads.numel() and self._keeps_logits:
             first = int(heads.min())  # the runner's heads are a host tensor: no device wait
             extra["logits_to_keep"] = input_ids.shape[1] - first
         out = self.hf(
