@@ -40,8 +40,8 @@ SHAPE_BUCKET = 32  # with shape_buckets, padded plain passes are a multiple of t
 # overheads far more than their tokens.
 NARROW = 64
 # The fewest positions a call reads logits at: with fewer rows MKL's matrix kernels sum in
-# another order (on an AVX-512/AMX Xeon, below 16 rows for a 384-wide input, below 5 for a
-# 128-wide one), and the last layer's bits would differ from a pass that reads them all.
+# another order (on an AVX-512/AMX Xeon: below 16 rows for a 384-wide input, at 4 rows or
+# fewer for a 128-wide one), and the last layer's bits would differ from a pass reading all.
 MIN_QUERIES = 16
 
 
