@@ -156,6 +156,11 @@ def fetch(*tensors: Tensor) -> Generator[Step, Any, tuple[Tensor, ...]]:
     return host
 
 
+def masks_in(ctx: Context, start: int, end: int) -> Tensor:
+    """The masked canvas positions in [start, end), counted from ``start`` (on the host)."""
+    return (ctx.canvas[start:end] == ctx.mask_id).nonzero()[:, 0]
+
+
 def on_device(host: Tensor, ctx: Context) -> Tensor:
     """Positions (a host index tensor) where the logits are, for ``index_select``."""
     return host.to(ctx.device, non_blocking=True)
@@ -292,8 +297,8 @@ def gumbel_argmax(
 
 @dataclass(frozen=True)
 class Among:
-    """Rows ``rows`` (positions on the logits' device) of a span of ``of`` positions: what a
-    strategy whose pass read only some positions (``Forward.picks``) draws its noise for."""
+    """Rows ``rows`` (host positions) of a span of ``of`` positions: what a strategy whose
+    pass read only some positions (``Forward.picks``) draws its noise for."""
 
     rows: Tensor
     of: int
@@ -308,7 +313,7 @@ def draw(
     if among is None:
         return torch.rand(shape, generator=gen, dtype=dtype, device=device)
     full = torch.rand((among.of, *shape[1:]), generator=gen, dtype=dtype, device=device)
-    return full.index_select(0, among.rows)
+    return full.index_select(0, among.rows.to(device, non_blocking=True))
 
 
 def blocks(gen_length: int, block_length: int) -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ from vdiff_worker.decoding.base import (
     check_filters,
     fetch,
     full_sequence,
+    masks_in,
     transfer_schedule,
 )
 from vdiff_worker.decoding.dream import sample_tokens
@@ -90,7 +91,7 @@ class DreamThreshold(Strategy):
         # step; the even split with the remainder first is the same there and total otherwise.
         schedule = transfer_schedule(N, max(1, s.steps))
         carried, step = 0, 0
-        while (masks := self._masks(0, N)).numel():
+        while (masks := masks_in(ctx, 0, N)).numel():
             target = (schedule[step] if step < len(schedule) else 0) + carried
             step += 1
             if target == 0:
@@ -111,7 +112,7 @@ class DreamThreshold(Strategy):
         ctx, s = self.ctx, self.ctx.settings
         P, N = ctx.prompt.numel(), s.gen_length
         for start, end in blocks(N, s.block_length):
-            if not self._masks(start, end).numel():
+            if not masks_in(ctx, start, end).numel():
                 continue
             # The full pass refreshes the slot and commits the block's first position
             # unconditionally, from the prediction at input P + start - 1.
@@ -125,7 +126,7 @@ class DreamThreshold(Strategy):
             )
             ctx.canvas[start] = x0[0]
             stop = end if s.cache == "dual" else N
-            while (masks := self._masks(start + 1, end)).numel():
+            while (masks := masks_in(ctx, start + 1, end)).numel():
                 # The block's first position is committed, so the cached pass's own shift
                 # quirk (its position 0 reading output 0) never matters: position g of the
                 # block reads output g - start - 1 of this pass.
@@ -145,10 +146,6 @@ class DreamThreshold(Strategy):
                     origin=start,
                     length=stop - start,
                 )
-
-    def _masks(self, start: int, end: int) -> Tensor:
-        """The masked positions of canvas [start, end), from ``start``."""
-        return (self.ctx.canvas[start:end] == self.ctx.mask_id).nonzero()[:, 0]
 
     def _commit(
         self,

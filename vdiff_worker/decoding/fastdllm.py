@@ -42,7 +42,7 @@ from vdiff_worker.decoding.base import (
     fetch,
     full_sequence,
     gumbel_argmax,
-    on_device,
+    masks_in,
     steps_per_block,
     transfer_schedule,
 )
@@ -148,7 +148,7 @@ class BlockDecoder(Strategy, abc.ABC):
             # The reference ranks over prompt + canvas there; a prompt never competes.
             cached = None if s.cache == "none" else Cached(write=0, keys=P + N)
             step = 0
-            while (masks := self._masks(start, end)).numel() and (step == 0 or s.cache == "none"):
+            while (masks := masks_in(ctx, start, end)).numel() and (step == 0 or s.cache == "none"):
                 out = yield from call(
                     full_sequence(
                         ctx.prompt, ctx.canvas, (P + start, P + end), cached, P + start + masks
@@ -161,7 +161,7 @@ class BlockDecoder(Strategy, abc.ABC):
             # Cached passes rewrite the block (dual) or the block and all after it (prefix)
             # in the slot, and attend to the whole of it.
             stop = end if s.cache == "dual" else N
-            while (masks := self._masks(start, end)).numel():
+            while (masks := masks_in(ctx, start, end)).numel():
                 out = yield from call(
                     cached_span(ctx.prompt, ctx.canvas, start, stop, (0, end - start), masks)
                 )
@@ -169,10 +169,6 @@ class BlockDecoder(Strategy, abc.ABC):
                     out.logits[0], start, end, masks, rule, step, origin=start, length=stop - start
                 )
                 step += 1
-
-    def _masks(self, start: int, end: int) -> Tensor:
-        """The masked positions of the block [start, end), from its start."""
-        return (self.ctx.canvas[start:end] == self.ctx.mask_id).nonzero()[:, 0]
 
     def _commit(
         self,
@@ -192,7 +188,7 @@ class BlockDecoder(Strategy, abc.ABC):
         the reference does."""
         ctx = self.ctx
         span = ctx.canvas[start:end]
-        among = Among(on_device(masks, ctx), end - start)
+        among = Among(masks, end - start)
         x0, conf = yield from fetch(*candidates(logits, ctx.settings, ctx.generator, among))
         ranked = conf.new_full((length,), -torch.inf)
         ranked[start - origin + masks] = conf

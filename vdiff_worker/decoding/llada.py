@@ -23,7 +23,7 @@ from vdiff_worker.decoding.base import (
     draw,
     fetch,
     gumbel_argmax,
-    on_device,
+    masks_in,
     steps_per_block,
     transfer_schedule,
 )
@@ -90,8 +90,8 @@ class LLaDAReference(Strategy):
                     continue  # the reference spends a pass that changes nothing here
                 block = ctx.canvas[start:end]
                 # Logits at the block's masks only; the noise is drawn for the whole block.
-                masks = (block == ctx.mask_id).nonzero()[:, 0]
-                among = Among(on_device(masks, ctx), end - start)
+                masks = masks_in(ctx, start, end)
+                among = Among(masks, end - start)
                 out = yield from call(
                     model_call(
                         ctx.prompt,
