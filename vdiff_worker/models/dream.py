@@ -23,10 +23,12 @@ from vdiff_worker.models.layers import (
     RopeTables,
     Rotary,
     attend,
+    linear,
     merge_heads,
     pick,
     project,
     qkv_heads,
+    rms_norm,
     swiglu,
 )
 from vdiff_worker.models.packing import Packed
@@ -91,9 +93,8 @@ class DreamAttention(nn.Module):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        q, k, v = qkv_heads(self.qkv(x), self.num_heads, self.num_kv_heads, rope)
-        out = self.o_proj(merge_heads(attend(q, (k, v), key_mask, cache, layer, rows)))
-        return out
+        q, k, v = qkv_heads(linear(x, self.qkv), self.num_heads, self.num_kv_heads, rope)
+        return linear(merge_heads(attend(q, (k, v), key_mask, cache, layer, rows)), self.o_proj)
 
 
 class DreamMLP(nn.Module):
@@ -104,8 +105,7 @@ class DreamMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.down_proj(swiglu(self.gate_up(x)))
-        return out
+        return linear(swiglu(linear(x, self.gate_up)), self.down_proj)
 
 
 class DreamLayer(AttentionBlock):
@@ -125,10 +125,10 @@ class DreamLayer(AttentionBlock):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        x = self.input_layernorm(h)
-        h = pick(h, rows) + self.self_attn(x, rope, key_mask, cache, layer, rows)
-        h = h + self.mlp(self.post_attention_layernorm(h))
-        return h
+        # Functions over the layers' weights rather than module calls (see layers.linear).
+        x = rms_norm(h, self.input_layernorm)
+        h = pick(h, rows) + self.self_attn.forward(x, rope, key_mask, cache, layer, rows)
+        return h + self.mlp.forward(rms_norm(h, self.post_attention_layernorm))
 
 
 class DreamBackbone(nn.Module):

@@ -41,10 +41,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 whatever the model dtype, then cast back and scale, as both
-        # reference models do; PyTorch's own x * rsqrt(mean(x^2) + eps) is one call.
-        h = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self)
+
+
+def rms_norm(x: Tensor, norm: RMSNorm) -> Tensor:
+    """``norm(x)`` without a module call. Normalises in float32 whatever the model dtype,
+    then casts back and scales, as both reference models do; PyTorch's own
+    x * rsqrt(mean(x^2) + eps) is one call."""
+    if x.dtype == torch.float32:  # the casts would be no-ops, each a call all the same
+        return norm.weight * F.rms_norm(x, norm.weight.shape, None, norm.eps)
+    h = F.rms_norm(x.float(), norm.weight.shape, None, norm.eps)
+    return norm.weight * h.to(x.dtype)
+
+
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(x)`` without a module call: a small model's pass costs more in Python and
+    dispatch than in arithmetic, so the blocks call their layers' weights directly (a
+    quantized weight still dispatches through ``F.linear``, as in ``nn.Linear.forward``;
+    no hooks are used)."""
+    return F.linear(x, layer.weight, layer.bias)
 
 
 @dataclass
@@ -90,9 +105,11 @@ class Rotary:
 def apply_rope(x: Tensor, rope: RopeTables) -> Tensor:
     """Rotate ``x`` [B, L, H, D] by the position tables: x cos + (-x2, x1) sin, with the
     sign carried by the table (negating either factor gives the same bits)."""
+    half = x.shape[-1] // 2
+    if x.dtype == rope.cos.dtype:
+        return x * rope.cos + x.roll(half, dims=-1) * rope.sin
     xt = x.to(rope.cos.dtype)
-    rotated = xt.roll(x.shape[-1] // 2, dims=-1)
-    return (xt * rope.cos + rotated * rope.sin).to(x.dtype)
+    return (xt * rope.cos + xt.roll(half, dims=-1) * rope.sin).to(x.dtype)
 
 
 def qkv_heads(

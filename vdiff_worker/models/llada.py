@@ -23,10 +23,12 @@ from vdiff_worker.models.layers import (
     RopeTables,
     Rotary,
     attend,
+    linear,
     merge_heads,
     pick,
     project,
     qkv_heads,
+    rms_norm,
     swiglu,
 )
 from vdiff_worker.models.packing import Packed
@@ -121,12 +123,12 @@ class LLaDABlock(AttentionBlock):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        x = self.attn_norm(h)
-        q, k, v = qkv_heads(self.qkv(x), self.n_heads, self.n_kv_heads, rope)
+        # Functions over the layers' weights rather than module calls (see layers.linear).
+        x = rms_norm(h, self.attn_norm)
+        q, k, v = qkv_heads(linear(x, self.qkv), self.n_heads, self.n_kv_heads, rope)
         att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
-        h = pick(h, rows) + self.attn_out(att)
-        h = h + self.ff_out(swiglu(self.gate_up(self.ff_norm(h))))
-        return h
+        h = pick(h, rows) + linear(att, self.attn_out)
+        return h + linear(swiglu(linear(rms_norm(h, self.ff_norm), self.gate_up)), self.ff_out)
 
 
 class LLaDATransformer(nn.Module):
