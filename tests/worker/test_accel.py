@@ -239,6 +239,7 @@ def test_weight_only_quantization(
         for k in range(3):
             logits = loaded.model(llada_cases[f"input_ids_{k}"][None]).logits[0].float()
             ref = llada_cases[f"logits_{k}"]
+            assert not torch.equal(logits, ref)  # the quantized weights are the ones read
             agree.append((logits.argmax(-1) == ref.argmax(-1)).float().mean().item())
     assert min(agree) >= min_agree
 

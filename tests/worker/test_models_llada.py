@@ -127,3 +127,25 @@ def test_fully_masked_row_gives_no_nan(llada: LoadedModel) -> None:
     with torch.no_grad():
         out = llada.model(ids, key_mask=mask)
     assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("name", ["llada-tiny", "dream-tiny"])
+def test_a_weight_replaced_after_load_is_the_one_a_pass_reads(name: str) -> None:
+    """Blocks read their weights from the layers' live parameter dicts: a weight swapped in
+    later, as quantization does, is used, exactly as one changed in place."""
+    swapped, in_place = load_model(str(GOLDEN / name)).model, load_model(str(GOLDEN / name)).model
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():
+        before = swapped(ids).logits
+        for model, swap in ((swapped, True), (in_place, False)):
+            for block in model.layers():
+                for module in block.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        scaled = module.weight * 1.5
+                        if swap:
+                            module.weight = torch.nn.Parameter(scaled, requires_grad=False)
+                        else:
+                            module.weight.copy_(scaled)
+        after = swapped(ids).logits
+        assert not torch.equal(after, before)
+        assert torch.equal(after, in_place(ids).logits)

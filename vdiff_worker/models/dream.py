@@ -24,6 +24,7 @@ from vdiff_worker.models.layers import (
     Rotary,
     attend,
     linear,
+    live_params,
     merge_heads,
     pick,
     project,
@@ -74,47 +75,45 @@ class DreamConfig:
 
 
 class DreamAttention(nn.Module):
+    """The ``self_attn.`` level of the checkpoint's names (DreamLayer runs it)."""
+
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.qkv = Packed(
             cfg.hidden_size, (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)), True
         )
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: RopeTables,
-        key_mask: Tensor | None,
-        cache: SlotBatch | None,
-        layer: int,
-        rows: Tensor | None = None,
-    ) -> Tensor:
-        q, k, v = qkv_heads(linear(x, self.qkv), self.num_heads, self.num_kv_heads, rope)
-        return linear(merge_heads(attend(q, (k, v), key_mask, cache, layer, rows)), self.o_proj)
-
 
 class DreamMLP(nn.Module):
+    """The ``mlp.`` level of the checkpoint's names (DreamLayer runs it)."""
+
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
         width = cfg.intermediate_size
         self.gate_up = Packed(cfg.hidden_size, (("gate_proj", width), ("up_proj", width)), False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(swiglu(linear(x, self.gate_up)), self.down_proj)
-
 
 class DreamLayer(AttentionBlock):
     def __init__(self, cfg: DreamConfig) -> None:
         super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = DreamAttention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = DreamMLP(cfg)
+        self.eps = cfg.rms_norm_eps
+        self.params = live_params(
+            self.input_layernorm,
+            self.self_attn.qkv,
+            self.self_attn.o_proj,
+            self.post_attention_layernorm,
+            self.mlp.gate_up,
+            self.mlp.down_proj,
+        )
 
     def forward(
         self,
@@ -125,10 +124,12 @@ class DreamLayer(AttentionBlock):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        # Functions over the layers' weights rather than module calls (see layers.linear).
-        x = rms_norm(h, self.input_layernorm)
-        h = pick(h, rows) + self.self_attn.forward(x, rope, key_mask, cache, layer, rows)
-        return h + self.mlp.forward(rms_norm(h, self.post_attention_layernorm))
+        in_norm, qkv, o_proj, post_norm, gate_up, down = self.params
+        x = rms_norm(h, in_norm, self.eps)
+        q, k, v = qkv_heads(linear(x, qkv), self.num_heads, self.num_kv_heads, rope)
+        att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
+        h = pick(h, rows) + linear(att, o_proj)
+        return h + linear(swiglu(linear(rms_norm(h, post_norm, self.eps), gate_up)), down)
 
 
 class DreamBackbone(nn.Module):

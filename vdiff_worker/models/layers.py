@@ -41,25 +41,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self)
+        return rms_norm(x, self._parameters, self.eps)
 
 
-def rms_norm(x: Tensor, norm: RMSNorm) -> Tensor:
-    """``norm(x)`` without a module call. Normalises in float32 whatever the model dtype,
-    then casts back and scales, as both reference models do; PyTorch's own
-    x * rsqrt(mean(x^2) + eps) is one call."""
+Params = dict[str, nn.Parameter | None]
+
+
+def live_params(*layers: nn.Module) -> tuple[Params, ...]:
+    """The layers' own parameter dicts, for a block to read its weights from.
+
+    A small model's pass costs more in Python than in arithmetic, and nn.Module's attribute
+    lookup is a Python call per submodule and per weight: reading the dicts instead makes a
+    32-token pass of llada-tiny about 6% faster. They are live: a weight replaced later
+    (quantization swaps in a new one) shows in them; the layers themselves are never
+    replaced.
+    """
+    return tuple(layer._parameters for layer in layers)
+
+
+def rms_norm(x: Tensor, params: Params, eps: float) -> Tensor:
+    """RMSNorm by its parameters. Normalises in float32 whatever the model dtype, then casts
+    back and scales, as both reference models do; PyTorch's own x * rsqrt(mean(x^2) + eps)
+    is one call."""
+    weight = params["weight"]
+    assert weight is not None
     if x.dtype == torch.float32:  # the casts would be no-ops, each a call all the same
-        return norm.weight * F.rms_norm(x, norm.weight.shape, None, norm.eps)
-    h = F.rms_norm(x.float(), norm.weight.shape, None, norm.eps)
-    return norm.weight * h.to(x.dtype)
+        return weight * F.rms_norm(x, weight.shape, None, eps)
+    return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
 
 
-def linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """``layer(x)`` without a module call: a small model's pass costs more in Python and
-    dispatch than in arithmetic, so the blocks call their layers' weights directly (a
-    quantized weight still dispatches through ``F.linear``, as in ``nn.Linear.forward``;
-    no hooks are used)."""
-    return F.linear(x, layer.weight, layer.bias)
+def linear(x: Tensor, params: Params) -> Tensor:
+    """A linear layer by its parameters (a quantized weight dispatches through ``F.linear``
+    as in ``nn.Linear.forward``; no hooks are used)."""
+    weight = params["weight"]
+    assert weight is not None
+    return F.linear(x, weight, params["bias"])
 
 
 @dataclass

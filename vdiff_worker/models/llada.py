@@ -24,6 +24,7 @@ from vdiff_worker.models.layers import (
     Rotary,
     attend,
     linear,
+    live_params,
     merge_heads,
     pick,
     project,
@@ -113,6 +114,10 @@ class LLaDABlock(AttentionBlock):
         hidden = cfg.mlp_hidden_size
         self.gate_up = Packed(cfg.d_model, (("ff_proj", hidden), ("up_proj", hidden)), bias)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=bias)
+        self.eps = cfg.rms_norm_eps
+        self.params = live_params(
+            self.attn_norm, self.qkv, self.attn_out, self.ff_norm, self.gate_up, self.ff_out
+        )
 
     def forward(
         self,
@@ -123,12 +128,12 @@ class LLaDABlock(AttentionBlock):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        # Functions over the layers' weights rather than module calls (see layers.linear).
-        x = rms_norm(h, self.attn_norm)
-        q, k, v = qkv_heads(linear(x, self.qkv), self.n_heads, self.n_kv_heads, rope)
+        attn_norm, qkv, attn_out, ff_norm, gate_up, ff_out = self.params
+        x = rms_norm(h, attn_norm, self.eps)
+        q, k, v = qkv_heads(linear(x, qkv), self.n_heads, self.n_kv_heads, rope)
         att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
-        h = pick(h, rows) + linear(att, self.attn_out)
-        return h + linear(swiglu(linear(rms_norm(h, self.ff_norm), self.gate_up)), self.ff_out)
+        h = pick(h, rows) + linear(att, attn_out)
+        return h + linear(swiglu(linear(rms_norm(h, ff_norm, self.eps), gate_up)), ff_out)
 
 
 class LLaDATransformer(nn.Module):
