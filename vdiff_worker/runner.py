@@ -210,14 +210,15 @@ class Runner:
         for c in calls:
             f = c.forward
             rows, length = f.input_ids.shape
-            pad = width - int(length)
-            ids.append(torch.nn.functional.pad(f.input_ids, (0, pad)))
-            pos.append(torch.nn.functional.pad(f.position_ids, (0, pad)))
+            ids.append(_padded(f.input_ids, width))
+            pos.append(_padded(f.position_ids, width))
             if causal:
                 limits.append(_limits(f, pos[-1]))
             if f.picks is not None:  # the picks, then the last one again up to the window
-                order = torch.arange(window).clamp(max=f.picks.numel() - 1)
-                heads.append(f.picks[order].expand(rows, window))
+                picks = f.picks
+                if picks.numel() < window:
+                    picks = picks[torch.arange(window).clamp(max=picks.numel() - 1)]
+                heads.append(picks.expand(rows, window))
                 cols.append((0, f.reads))
             else:
                 start = min(f.span[0], width - window)
@@ -239,11 +240,11 @@ class Runner:
         # Only block-causal models take per-query key counts.
         extra = {"limits": torch.cat(limits).to(device)} if causal else {}
         out = model(
-            torch.cat(ids).to(device),
-            position_ids=torch.cat(pos).to(device),
+            _joined(ids).to(device),
+            position_ids=_joined(pos).to(device),
             key_mask=key_mask,
             cache=cache,
-            heads=torch.cat(heads),  # the model moves it; a host copy is free to read
+            heads=_joined(heads),  # the model moves it; a host copy is free to read
             **extra,
         )
         self._count(rows_in + filler)
@@ -266,6 +267,18 @@ class Runner:
             write.append(c.forward.cached.write)
             keys.append(c.forward.cached.keys)
         return SlotBatch(store, slots, write, lengths, keys)
+
+
+def _padded(x: Tensor, width: int) -> Tensor:
+    """``x`` [R, L] padded with zeros to ``width`` columns (itself when it is that wide)."""
+    pad = width - int(x.shape[1])
+    return x if pad == 0 else torch.nn.functional.pad(x, (0, pad))
+
+
+def _joined(parts: list[Tensor]) -> Tensor:
+    """The calls' rows as one tensor (a lone call's own: a pass of one sequence copies
+    nothing)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _limits(f: Forward, positions: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -91,11 +92,9 @@ class SlotBatch:
         self._single = rows > 1 and min(self.lengths) == max(self.lengths) == 1
         if self.scatter is None:
             self.scatter = rows > 1 and device.type != "cpu" and not self._single
-        # Built on the host, copied over once.
-        start, lengths = torch.tensor(self.start), torch.tensor(self.lengths)
-        self.start_ids = start.to(device)  # [B]: the first new token's slot position
-        self.new_ids = lengths.to(device)  # [B]: new tokens per row
         if self.scatter:
+            # Built on the host, copied over once.
+            start, lengths = torch.tensor(self.start), torch.tensor(self.lengths)
             col = torch.arange(max(self.lengths))
             valid = col[None, :] < lengths[:, None]  # [B, L]: real new tokens
             src_rows = torch.arange(rows)[:, None].expand_as(valid)[valid]
@@ -110,13 +109,21 @@ class SlotBatch:
         # Rows in consecutive slots read a view of the store; others gather a copy.
         first = self.slots[0]
         self._first = first if self.slots == list(range(first, first + rows)) else None
-        self._index = torch.tensor(self.slots).to(device)
         # [B, K], or None when every row attends to all of them: an unmasked call runs the
         # same kernel a lone pass does.
         self.key_mask: Tensor | None = None
         if min(self.keys) < self.span:
             keys = torch.tensor(self.keys)
             self.key_mask = (torch.arange(self.span)[None, :] < keys[:, None]).to(device)
+
+    @cached_property
+    def start_ids(self) -> Tensor:
+        """[B]: each row's first new slot position, on the device."""
+        return torch.tensor(self.start).to(self.store.device)
+
+    @cached_property
+    def _index(self) -> Tensor:
+        return torch.tensor(self.slots).to(self.store.device)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Store the real rows of the new [B, H_kv, L, D] keys and values in place."""
