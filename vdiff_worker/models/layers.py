@@ -236,7 +236,7 @@ def pick(x: Tensor, rows: Tensor | None) -> Tensor:
 def project(h: Tensor, head: nn.Linear | None, embedding: nn.Embedding) -> Tensor:
     """Logits through the output head, or through the embedding where the checkpoint ties
     the two (it then ships no head)."""
-    return F.linear(h, embedding.weight) if head is None else head(h)
+    return F.linear(h, embedding.weight) if head is None else linear(h, head._parameters)
 
 
 def swiglu(gate_up: Tensor) -> Tensor:
