@@ -149,3 +149,15 @@ def test_a_weight_replaced_after_load_is_the_one_a_pass_reads(name: str) -> None
         after = swapped(ids).logits
         assert not torch.equal(after, before)
         assert torch.equal(after, in_place(ids).logits)
+
+
+def test_rope_tables_of_repeated_positions_are_those_computed_afresh(llada: LoadedModel) -> None:
+    """Passes repeat their positions (each step of a block): the tables kept from the last
+    pass are those of its positions, and a pass at other positions gets its own."""
+    rotary = llada.model.rotary
+    a, b = torch.arange(5, 29)[None], torch.arange(7, 31)[None]
+    for pos in (a, b, b.clone(), a, a[:, :20]):
+        got = rotary.tables(pos, torch.float32)
+        want = rotary._tables(pos, torch.float32)
+        assert torch.equal(got.cos, want.cos) and torch.equal(got.sin, want.sin)
+    assert rotary.tables(a, torch.float32) is rotary.tables(a.clone(), torch.float32)

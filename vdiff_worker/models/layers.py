@@ -99,6 +99,10 @@ class Rotary:
         self.theta = theta
         self.full_precision = full_precision
         self._inv_freq: dict[torch.device, Tensor] = {}
+        # The last host positions and their tables: a sequence's passes repeat their
+        # positions (every step of a block), and on a CPU, where a small model's pass is
+        # bound by its op count, a comparison costs less than the ten ops of the tables.
+        self._last: tuple[Tensor, torch.dtype, RopeTables] | None = None
 
     def inv_freq(self, device: torch.device) -> Tensor:
         if device not in self._inv_freq:
@@ -107,6 +111,21 @@ class Rotary:
         return self._inv_freq[device]
 
     def tables(self, position_ids: Tensor, dtype: torch.dtype) -> RopeTables:
+        last = self._last
+        if (
+            last is not None
+            and last[1] == dtype
+            and last[0].device == position_ids.device
+            and last[0].shape == position_ids.shape
+            and torch.equal(last[0], position_ids)
+        ):
+            return last[2]
+        rope = self._tables(position_ids, dtype)
+        if position_ids.device.type == "cpu":  # elsewhere the comparison would wait for it
+            self._last = (position_ids.clone(), dtype, rope)
+        return rope
+
+    def _tables(self, position_ids: Tensor, dtype: torch.dtype) -> RopeTables:
         freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
         cos, sin = freqs.cos(), freqs.sin()
         cos, sin = (
