@@ -22,15 +22,9 @@ from vdiff_worker.models.layers import (
     RMSNorm,
     RopeTables,
     Rotary,
-    attend,
-    linear,
     live_params,
-    merge_heads,
-    pick,
+    llama_block,
     project,
-    qkv_heads,
-    rms_norm,
-    swiglu,
 )
 from vdiff_worker.models.packing import Packed
 
@@ -124,12 +118,18 @@ class DreamLayer(AttentionBlock):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        in_norm, qkv, o_proj, post_norm, gate_up, down = self.params
-        x = rms_norm(h, in_norm, self.eps)
-        q, k, v = qkv_heads(linear(x, qkv), self.num_heads, self.num_kv_heads, rope)
-        att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
-        h = pick(h, rows) + linear(att, o_proj)
-        return h + linear(swiglu(linear(rms_norm(h, post_norm, self.eps), gate_up)), down)
+        return llama_block(
+            h,
+            self.params,
+            self.eps,
+            self.num_heads,
+            self.num_kv_heads,
+            rope,
+            key_mask,
+            cache,
+            layer,
+            rows,
+        )
 
 
 class DreamBackbone(nn.Module):

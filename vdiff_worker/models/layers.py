@@ -159,6 +159,28 @@ def qkv_heads(
     return qk[:, :, :heads].transpose(1, 2), qk[:, :, heads:].transpose(1, 2), v.transpose(1, 2)
 
 
+def llama_block(
+    h: Tensor,
+    params: tuple[Params, ...],
+    eps: float,
+    heads: int,
+    kv_heads: int,
+    rope: RopeTables,
+    key_mask: Tensor | None,
+    cache: SlotBatch | None,
+    layer: int,
+    rows: Tensor | None,
+) -> Tensor:
+    """The Llama-style block LLaDA and Dream share, by its parameters (attention norm,
+    packed q/k/v, output projection, MLP norm, packed gate/up, down projection): pre-norm
+    attention, then a pre-norm SwiGLU MLP, each added to the residual."""
+    attn_norm, qkv, out, mlp_norm, gate_up, down = params
+    q, k, v = qkv_heads(linear(rms_norm(h, attn_norm, eps), qkv), heads, kv_heads, rope)
+    att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
+    h = pick(h, rows) + linear(att, out)
+    return h + linear(swiglu(linear(rms_norm(h, mlp_norm, eps), gate_up)), down)
+
+
 def merge_heads(x: Tensor) -> Tensor:
     """[B, H, L, D] -> [B, L, H*D]."""
     batch, _, length, _ = x.shape

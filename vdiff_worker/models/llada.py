@@ -22,15 +22,9 @@ from vdiff_worker.models.layers import (
     RMSNorm,
     RopeTables,
     Rotary,
-    attend,
-    linear,
     live_params,
-    merge_heads,
-    pick,
+    llama_block,
     project,
-    qkv_heads,
-    rms_norm,
-    swiglu,
 )
 from vdiff_worker.models.packing import Packed
 
@@ -128,12 +122,18 @@ class LLaDABlock(AttentionBlock):
         layer: int,
         rows: Tensor | None = None,
     ) -> Tensor:
-        attn_norm, qkv, attn_out, ff_norm, gate_up, ff_out = self.params
-        x = rms_norm(h, attn_norm, self.eps)
-        q, k, v = qkv_heads(linear(x, qkv), self.n_heads, self.n_kv_heads, rope)
-        att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
-        h = pick(h, rows) + linear(att, attn_out)
-        return h + linear(swiglu(linear(rms_norm(h, ff_norm, self.eps), gate_up)), ff_out)
+        return llama_block(
+            h,
+            self.params,
+            self.eps,
+            self.n_heads,
+            self.n_kv_heads,
+            rope,
+            key_mask,
+            cache,
+            layer,
+            rows,
+        )
 
 
 class LLaDATransformer(nn.Module):
