@@ -21,7 +21,9 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/vdiff
 
+# The compiled block is built first (a minute, once), not by the first worker a test starts.
 test: install
+	$(PY) -m vdiff_worker.models.extension
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

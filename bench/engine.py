@@ -388,6 +388,7 @@ def bound_group(
     opts = accel.Options(**(group.accel or {}))
     loaded = load_model(group.checkpoint, device=device, dtype=accel.load_dtype("auto", opts))
     accel.apply(loaded.model, opts, loaded.device)
+    accel.use_compiled_block(opts)  # as the worker does
     models = {"main": loaded.model}
     if group.verifier:
         models["verifier"] = load_model(str(GOLDEN / group.verifier), device=device).model

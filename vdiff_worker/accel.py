@@ -25,6 +25,7 @@ from loguru import logger
 from torch import nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from vdiff_worker.models import extension
 from vdiff_worker.models.ar import CausalLM
 from vdiff_worker.models.base import BidirectionalLM
 from vdiff_worker.models.layers import ATTENTION_BACKENDS, AttentionBackend, set_attention_backend
@@ -172,6 +173,16 @@ def apply(model: nn.Module, opts: Options, device: torch.device) -> nn.Module:
     if opts.compile:
         compile_model(model, opts.compile_mode)
     return model
+
+
+def use_compiled_block(opts: Options) -> bool:
+    """Run the native models' blocks through the compiled block (vdiff_worker.models
+    .extension) unless the model is compiled (Dynamo would break its graph at every call)
+    or quantized (torchao's weights dispatch through Python); whether it is on."""
+    if opts.compile or opts.quantization is not None:
+        extension.disable()
+        return False
+    return extension.enable()
 
 
 def _apply_attention(model: nn.Module, backend: AttentionBackend) -> None:

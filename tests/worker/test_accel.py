@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 
 from tests.worker.drive import runner
 from vdiff_worker import accel
-from vdiff_worker.accel import AccelError, Options
+from vdiff_worker.accel import AccelError, Options, use_compiled_block
 from vdiff_worker.decoding.base import Forward, full_sequence
-from vdiff_worker.models import LoadedModel, load_model
+from vdiff_worker.models import LoadedModel, extension, load_model
 from vdiff_worker.models.kvcache import SlotBatch, SlotStore
 from vdiff_worker.models.layers import (
     attend,
@@ -308,3 +308,14 @@ def test_shape_buckets_pad_rows_and_length_without_changing_logits(llada: Loaded
     for a, b in zip(got + alone, want + want[:1]):
         assert a.logits.shape == b.logits.shape
         assert (a.logits - b.logits).abs().max().item() <= 1e-4
+
+
+def test_the_compiled_block_is_off_for_compiled_or_quantized_models() -> None:
+    """Dynamo cannot trace into it, and torchao's weights dispatch through Python."""
+    try:
+        assert use_compiled_block(Options()) and extension.ops() is not None
+        for opts in (Options(compile=True), Options(quantization="int8")):
+            assert not use_compiled_block(opts)
+            assert extension.ops() is None
+    finally:
+        extension.disable()

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdiff_worker.models import extension
 from vdiff_worker.models.kvcache import KVPair, SlotBatch
 
 AttentionBackend = Literal["sdpa", "flash", "eager"]
@@ -173,11 +174,26 @@ def llama_block(
 ) -> Tensor:
     """The Llama-style block LLaDA and Dream share, by its parameters (attention norm,
     packed q/k/v, output projection, MLP norm, packed gate/up, down projection): pre-norm
-    attention, then a pre-norm SwiGLU MLP, each added to the residual."""
+    attention, then a pre-norm SwiGLU MLP, each added to the residual. While the compiled
+    block is enabled (vdiff_worker.models.extension) the arithmetic around attention runs
+    there, the same ops in C++."""
     attn_norm, qkv, out, mlp_norm, gate_up, down = params
-    q, k, v = qkv_heads(linear(rms_norm(h, attn_norm, eps), qkv), heads, kv_heads, rope)
-    att = merge_heads(attend(q, (k, v), key_mask, cache, layer, rows))
-    h = pick(h, rows) + linear(att, out)
+    native = extension.ops()
+    if native is None:
+        q, k, v = qkv_heads(linear(rms_norm(h, attn_norm, eps), qkv), heads, kv_heads, rope)
+    else:
+        q, k, v = native.attention_input(
+            h, attn_norm["weight"], qkv["weight"], qkv["bias"], eps, heads, kv_heads,
+            rope.cos, rope.sin,
+        )  # fmt: skip
+    att = attend(q, (k, v), key_mask, cache, layer, rows)
+    h = pick(h, rows)
+    if native is not None:
+        return native.block_output(  # type: ignore[no-any-return]
+            h, att, out["weight"], out["bias"], mlp_norm["weight"], gate_up["weight"],
+            gate_up["bias"], down["weight"], down["bias"], eps,
+        )  # fmt: skip
+    h = h + linear(merge_heads(att), out)
     return h + linear(swiglu(linear(rms_norm(h, mlp_norm, eps), gate_up)), down)
 
 
