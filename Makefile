@@ -23,7 +23,7 @@ serve: install
 
 # The compiled block is built first (a minute, once), not by the first worker a test starts.
 test: install
-	$(PY) -m vdiff_worker.models.extension
+	$(PY) -c 'from vdiff_worker.models import extension; extension.build()'
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

@@ -177,8 +177,8 @@ def apply(model: nn.Module, opts: Options, device: torch.device) -> nn.Module:
 
 def use_compiled_block(opts: Options) -> bool:
     """Run the native models' blocks through the compiled block (vdiff_worker.models
-    .extension) unless the model is compiled (Dynamo would break its graph at every call)
-    or quantized (torchao's weights dispatch through Python); whether it is on."""
+    .extension) unless the model is compiled or quantized (``compile_model`` and
+    ``quantize`` turn it off); whether it is on."""
     if opts.compile or opts.quantization is not None:
         extension.disable()
         return False
@@ -217,6 +217,7 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 def quantize(model: nn.Module, scheme: str, device: torch.device) -> int:
     """Weight-only quantization of the linear layers torchao's kernels accept; returns how
     many were quantized (the others, e.g. a vocabulary projection of odd width, stay)."""
+    extension.disable()  # torchao's weights dispatch through Python, not from C++
     tq = _torchao()
     if scheme == "int8":
         config: Any = tq.Int8WeightOnlyConfig()
@@ -315,6 +316,7 @@ def compile_model(model: nn.Module, mode: str) -> CompiledRegions:
     """Compile ``model`` in place (its blocks, or the whole forward of an autoregressive
     model) and warm it up, so the first requests do not pay for compiling the engine's plain
     passes; a failure leaves the model eager, with a warning."""
+    extension.disable()  # Dynamo would break its graph at every call into it
     if isinstance(model, BidirectionalLM):
         regions: Sequence[nn.Module] = model.layers()
     elif isinstance(model, CausalLM):

@@ -79,3 +79,12 @@ def test_without_a_compiler_the_python_block_runs(monkeypatch: pytest.MonkeyPatc
     model = load_model(str(GOLDEN / "llada-tiny")).model
     with torch.no_grad():
         assert model(torch.arange(3, 20)[None]).logits.shape == (1, 17, 486)
+
+
+@pytest.mark.timeout(120)  # PyTorch alone would wait forever
+def test_a_build_killed_midway_does_not_hold_later_ones(compiled: None) -> None:
+    """PyTorch's lock file, left by a worker killed while building, is not waited on."""
+    (extension.build_directory() / "lock").touch()
+    extension.disable()
+    assert extension.enable()
+    assert not (extension.build_directory() / "lock").exists()

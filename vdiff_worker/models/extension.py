@@ -8,13 +8,16 @@ Python between the ops: on a CPU, a small model's pass is bound by that, not by 
 
 The worker turns it on at start (``enable``) unless the model is compiled (Dynamo would break
 its graph at every call) or quantized (torchao's weights dispatch through Python). It is built
-by PyTorch's C++ extension builder (a C++ compiler and ninja) into ``TORCH_EXTENSIONS_DIR``
-(by default ~/.cache/torch_extensions) once and loaded from there after; where it cannot be
-built, the worker says so and runs the Python block, whose outputs are the same.
+by PyTorch's C++ extension builder (a C++ compiler and ninja) once, into ``build_directory()``,
+and loaded from there after (0.1 s); where it cannot be built, the worker says so and runs
+the Python block, whose outputs are the same.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +27,37 @@ SOURCE = Path(__file__).with_name("block.cpp")
 _ops: Any = None
 
 
-def build() -> Any:
-    """The compiled module (built now if it is not yet, which takes a minute on 2 cores)."""
+def build_directory() -> Path:
+    """Where it is built: one directory per Python and torch build (its version names the
+    flavour, +cpu or +cu128), under ``TORCH_EXTENSIONS_DIR`` or PyTorch's default root."""
+    import torch
     from torch.utils import cpp_extension
 
-    return cpp_extension.load(
-        name="vdiff_block", sources=[str(SOURCE)], extra_cflags=["-O2"], verbose=False
-    )
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(root) / f"vdiff_block-{python}-torch{torch.__version__}"
+
+
+def build() -> Any:
+    """The compiled module (built now if it is not yet, which takes half a minute on 2
+    cores; workers starting together build it once)."""
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "vdiff.lock", "w") as lock:
+        # The kernel drops this lock when its holder dies. PyTorch's own lock file would
+        # outlive a worker killed while building, and every later start would wait on it
+        # forever; while this lock is held no other build runs, so any such file is stale.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name="vdiff_block",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O2"],
+            build_directory=str(directory),
+            verbose=False,
+        )
 
 
 def enable() -> bool:
@@ -54,8 +81,3 @@ def disable() -> None:
 def ops() -> Any:
     """The compiled block's functions while enabled, else None."""
     return _ops
-
-
-if __name__ == "__main__":  # `python -m vdiff_worker.models.extension`: build it ahead
-    build()
-    print(f"built {SOURCE.name}")
