@@ -9,13 +9,16 @@ Python between the ops: on a CPU, a small model's pass is bound by that, not by 
 The worker turns it on at start (``enable``) unless the model is compiled (Dynamo would break
 its graph at every call) or quantized (torchao's weights dispatch through Python). It is built
 by PyTorch's C++ extension builder (a C++ compiler and ninja) once, into ``build_directory()``,
-and loaded from there after (0.1 s); where it cannot be built, the worker says so and runs
-the Python block, whose outputs are the same.
+and imported from there after (0.1 s, no compiler needed); where it cannot be built, the
+worker says so and runs the Python block, whose outputs are the same.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -28,28 +31,36 @@ _ops: Any = None
 
 
 def build_directory() -> Path:
-    """Where it is built: one directory per Python and torch build (its version names the
-    flavour, +cpu or +cu128), under ``TORCH_EXTENSIONS_DIR`` or PyTorch's default root."""
+    """Where it is built: one directory per source, Python and torch build (torch's version
+    names its flavour, +cpu or +cu128), under ``TORCH_EXTENSIONS_DIR`` or PyTorch's default
+    root. A library found there is that source's, built for this torch."""
     import torch
     from torch.utils import cpp_extension
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path(root) / f"vdiff_block-{python}-torch{torch.__version__}"
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return Path(root) / f"vdiff_block-{python}-torch{torch.__version__}-{digest}"
 
 
 def build() -> Any:
-    """The compiled module (built now if it is not yet, which takes half a minute on 2
-    cores; workers starting together build it once)."""
+    """The compiled module: imported where it was built before (no compiler needed, as in
+    the container image, which builds it in its build stage), else built now (half a
+    minute on 2 cores; workers starting together build it once)."""
+    directory = build_directory()
+    library = directory / "vdiff_block.so"
+    if library.exists():
+        return _imported(library)
     from torch.utils import cpp_extension
 
-    directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / "vdiff.lock", "w") as lock:
         # The kernel drops this lock when its holder dies. PyTorch's own lock file would
         # outlive a worker killed while building, and every later start would wait on it
         # forever; while this lock is held no other build runs, so any such file is stale.
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():  # built by the worker that held the lock before
+            return _imported(library)
         (directory / "lock").unlink(missing_ok=True)
         return cpp_extension.load(
             name="vdiff_block",
@@ -58,6 +69,17 @@ def build() -> Any:
             build_directory=str(directory),
             verbose=False,
         )
+
+
+@functools.cache  # a process initialises an extension module once
+def _imported(library: Path) -> Any:
+    import torch  # noqa: F401 - the library links against the libraries torch loads
+
+    spec = importlib.util.spec_from_file_location("vdiff_block", library)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def enable() -> bool:
