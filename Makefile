@@ -21,7 +21,7 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/vdiff
 
-# The compiled block is built first (a minute, once), not by the first worker a test starts.
+# The compiled block is built first (half a minute, once), not by the first worker a test starts.
 test: install
 	$(PY) -c 'from vdiff_worker.models import extension; extension.build()'
 	$(PY) -m pytest -q $(PYTEST_ARGS)

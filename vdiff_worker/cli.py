@@ -455,7 +455,7 @@ async def serve(args: argparse.Namespace) -> int:
         logger.error("{}", err)
         return 2
     if accel.use_compiled_block(opts):
-        logger.info("the native blocks run compiled ({})", "vdiff_worker/models/block.cpp")
+        logger.info("the native blocks run compiled (vdiff_worker/models/block.cpp)")
     name = args.served_model_name or loaded.name
     worker_id = args.worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
     metrics = WorkerMetrics(name, worker_id, loaded.device)
